@@ -1,0 +1,181 @@
+"""collect.py -- record Atari episodes from the Arcade Learning Environment.
+
+One compressed npz per episode: frames (N+1, 210, 160, 3) uint8 exactly as the env returns
+them, actions/rewards/terminated/truncated (N,); action[i] takes frames[i] to frames[i+1].
+
+Examples:
+  python collect.py                                        # Pong, mix policy, 20k steps -> data/pong/
+  python collect.py --game Breakout --policy tracker --steps 50000 --seed 1
+  python collect.py --game SpaceInvaders --policy sticky --out data/si
+  python collect.py --policy human --steps 3000            # you play, at 15 FPS, arrows + space
+
+Ctrl-C keeps every finished episode and saves the one in progress (marked truncated).
+Running again into the same folder adds episodes; it never overwrites.
+"""
+import argparse
+import concurrent.futures
+import os
+import re
+import signal
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+import common
+
+# -----------------------------------------------------------------------------
+# flags
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p.add_argument("--game", default="Pong", help="ALE game: short name (Pong, Breakout, ...) or full id (ALE/Pong-v5)")
+p.add_argument("--steps", type=int, default=20000, help="transitions to record in total")
+p.add_argument("--policy", default="mix", choices=["random", "sticky", "tracker", "human", "mix"],
+               help="who plays: uniform random, held random actions, RAM ball-tracker, you, or a mix")
+p.add_argument("--mix", default="0.5,0.3,0.2", help="mix policy weights: tracker,sticky,random")
+p.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical episodes")
+p.add_argument("--out", default=None, help="output folder (default: data/<game>)")
+p.add_argument("--max-episode-steps", type=int, default=1000,
+               help="truncate longer episodes; short episodes give more varied starts and a real validation split")
+p.add_argument("--sticky", type=float, default=0.0, help="sticky-action probability (0.25 in Machado et al. 2018)")
+p.add_argument("--fps", type=int, default=15, help="human policy: frames per second")
+p.add_argument("--scale", type=int, default=3, help="human policy: window scale")
+
+
+# -----------------------------------------------------------------------------
+# the human policy: keyboard in a pygame window, recorded like any other policy
+
+class Quit(Exception):
+    """The player ended the recording (Esc, Q, window closed): kept like Ctrl-C, exit 0."""
+
+
+class HumanPolicy:
+    """Arrows and space, mapped through the game's action meanings; Esc or closing the window
+    ends the recording like Ctrl-C. Held keys are tracked from KEYDOWN/KEYUP events, so a
+    scripted event sequence drives it exactly as a keyboard does (tests)."""
+
+    def __init__(self, meanings, fps=15, scale=3):
+        import pygame
+        pygame.init()
+        self.pg, self.meanings, self.fps, self.scale = pygame, meanings, fps, scale
+        self.keys, self.held = common.pygame_keys(), set()
+        self.screen = pygame.display.set_mode((160 * scale, 210 * scale))
+        pygame.display.set_caption("collect.py: arrows move, space fires, Esc stops")
+        self.clock = pygame.time.Clock()
+
+    def __call__(self, env, obs=None):
+        pg = self.pg
+        for e in pg.event.get():
+            if e.type == pg.QUIT or (e.type == pg.KEYDOWN and e.key in (pg.K_ESCAPE, pg.K_q)):
+                raise Quit
+            if e.type in (pg.KEYDOWN, pg.KEYUP) and e.key in self.keys:
+                (self.held.add if e.type == pg.KEYDOWN else self.held.discard)(self.keys[e.key])
+        if obs is not None:
+            surf = pg.surfarray.make_surface(obs.transpose(1, 0, 2))
+            self.screen.blit(pg.transform.scale(surf, self.screen.get_size()), (0, 0))
+            pg.display.flip()
+        self.clock.tick(self.fps)
+        return common.action_for_keys(self.held, self.meanings)
+
+
+# -----------------------------------------------------------------------------
+# the recording loop
+
+def main():
+    args = p.parse_args()
+    if args.steps <= 0 or args.max_episode_steps <= 0:
+        raise common.KitError("--steps and --max-episode-steps must be positive")
+    try:
+        mix = tuple(float(w) for w in args.mix.split(","))
+        assert len(mix) == 3 and min(mix) >= 0
+    except (ValueError, AssertionError):
+        raise common.KitError(f"--mix wants three non-negative weights tracker,sticky,random, got '{args.mix}'") from None
+    env = common.make_env(args.game, sticky=args.sticky)
+    out = args.out or os.path.join("data", env.game[4:-3].lower())
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, ".write-test"), "w"):
+            pass
+        os.remove(os.path.join(out, ".write-test"))
+    except OSError as e:
+        raise common.KitError(f"cannot write to {out}: {e.strerror}") from None
+    existing = [int(m.group(1)) for f in os.listdir(out) if (m := re.fullmatch(r"ep_(\d+)\.npz", f))]
+    first = max(existing, default=-1) + 1
+    human = HumanPolicy(env.action_meanings, args.fps, args.scale) if args.policy == "human" else None
+
+    # Two reused frame buffers: the writer thread compresses one episode (zlib releases the
+    # GIL, so it runs on the other core) while the emulator fills the next.
+    cap = min(args.max_episode_steps, args.steps)
+    buffers = [np.zeros((cap + 1, 210, 160, 3), np.uint8) for _ in range(2)]
+    pending = [None, None]
+    writer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    meta = dict(game=env.game, action_meanings=np.array(env.action_meanings), policy=args.policy,
+                seed=args.seed, frameskip=4, sticky=args.sticky)
+    done_steps, returns, written = 0, [], []
+
+    def save(k, idx, n, actions, rewards, terminated, truncated, wait=False):
+        path = os.path.join(out, f"ep_{idx:06d}.npz")
+        term = np.zeros(n, bool)
+        trunc = np.zeros(n, bool)
+        term[-1], trunc[-1] = terminated, truncated
+        job = writer.submit(common.save_episode, path, buffers[k][:n + 1], actions[:n], rewards[:n],
+                            term, trunc, episode=idx, **meta)
+        pending[k] = job
+        written.append(path)
+        returns.append(float(np.sum(rewards[:n])))
+        if wait:
+            job.result()
+
+    interrupted = False
+    bar = tqdm(total=args.steps, unit="step", desc=f"collect {env.game[4:-3]} ({args.policy})", smoothing=0.05)
+    t0, ep = time.time(), 0
+    k = n = 0
+    actions = np.zeros(cap, np.int64)
+    rewards = np.zeros(cap, np.float32)
+    try:
+        while done_steps < args.steps:
+            idx, k, n = first + ep, ep % 2, 0
+            if pending[k] is not None:
+                pending[k].result()  # that buffer's episode is on disk; reuse it
+            # one seed per (run seed, episode index): same --seed -> same files, and episodes
+            # appended to a folder later get fresh seeds
+            env_seed, pol_seed = np.random.SeedSequence([args.seed, idx]).generate_state(2)
+            rng = np.random.default_rng(pol_seed)
+            policy = human or common.make_policy(args.policy, env, rng, mix, warn=ep == 0)
+            obs, _ = env.reset(seed=int(env_seed))
+            buf, n, terminated, truncated = buffers[k], 0, False, False
+            buf[0] = obs
+            limit = min(cap, args.steps - done_steps)
+            while not (terminated or truncated) and n < limit:
+                a = policy(env, obs)
+                obs, r, terminated, truncated, _ = env.step(a)
+                buf[n + 1], actions[n], rewards[n] = obs, a, r
+                n += 1
+                bar.update(1)
+            truncated = truncated or not terminated
+            done_steps += n
+            save(k, idx, n, actions, rewards, terminated, truncated)
+            ep += 1
+            bar.set_postfix(episodes=ep, ret=f"{np.mean(returns):.1f}")
+    except (KeyboardInterrupt, Quit) as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the save
+        interrupted = isinstance(e, KeyboardInterrupt)
+        bar.close()
+        if n > 0 and len(written) == ep:  # an episode was in progress
+            done_steps += n
+            save(k, first + ep, n, actions, rewards, False, True)
+            print(f"stopped: saved the episode in progress ({n} steps, marked truncated)", file=sys.stderr)
+    finally:
+        bar.close()
+        writer.shutdown(wait=True)
+        env.close()
+    dt = time.time() - t0
+    print(f"wrote {len(written)} episodes, {done_steps} transitions to {out}/ "
+          f"(mean return {np.mean(returns) if returns else float('nan'):.2f}, {done_steps / dt:.0f} steps/s)")
+    if interrupted:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    common.run(main)
