@@ -434,3 +434,306 @@ def load_checkpoint(path, kinds=None):
     if kinds and ckpt["kind"] not in kinds:
         raise KitError(f"{path} is a '{ckpt['kind']}' checkpoint; expected {' or '.join(kinds)}")
     return ckpt
+
+
+# -----------------------------------------------------------------------------
+# VQ-VAE tokenizer (seed 003, v2.3): conv encoder, EMA vector quantizer with dead-code
+# reset, nearest-upsample decoder (no checkerboard). Widths, codes and grid are arguments.
+
+def to_float(x):
+    """uint8 [0, 255] -> float [-1, 1]"""
+    return x.float().div(127.5).sub(1.0)
+
+
+def to_uint8(x):
+    return x.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def _groups(c):
+    return 8 if c % 8 == 0 else 1
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.net = nn.Sequential(nn.GroupNorm(_groups(c), c), nn.GELU(), nn.Conv2d(c, c, 3, padding=1),
+                                 nn.GroupNorm(_groups(c), c), nn.GELU(), nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code quantizer with EMA codebook updates (van den Oord et al. 2017, App. A.1;
+    decay 0.99 as seed 003) and a straight-through gradient. Dead codes (EMA usage below
+    `dead_frac` of the mean) are re-seeded from the batch's encoder outputs."""
+
+    def __init__(self, n_codes, dim, decay=0.99, dead_frac=0.01, eps=1e-5):
+        super().__init__()
+        self.n_codes, self.dim, self.decay, self.dead_frac, self.eps = n_codes, dim, decay, dead_frac, eps
+        self.register_buffer("embed", torch.randn(n_codes, dim) * 0.1)
+        self.register_buffer("cluster_size", torch.ones(n_codes))
+        self.register_buffer("embed_avg", self.embed.clone())
+
+    def codes(self, z):
+        flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim)
+        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embed.t() + self.embed.pow(2).sum(1)
+        return d.argmin(1).view(z.shape[0], z.shape[2], z.shape[3]), flat
+
+    def lookup(self, idx):
+        return F.embedding(idx, self.embed).permute(0, 3, 1, 2)
+
+    def forward(self, z):
+        idx, flat = self.codes(z)
+        q = self.lookup(idx)
+        if self.training:
+            with torch.no_grad():
+                onehot = F.one_hot(idx.reshape(-1), self.n_codes).type(flat.dtype)
+                self.cluster_size.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
+                self.embed_avg.mul_(self.decay).add_(onehot.t() @ flat, alpha=1 - self.decay)
+                n = self.cluster_size.sum()
+                size = (self.cluster_size + self.eps) / (n + self.n_codes * self.eps) * n
+                self.embed.copy_(self.embed_avg / size[:, None])
+        commit = F.mse_loss(z, q.detach())
+        return z + (q - z).detach(), idx, commit
+
+    @torch.no_grad()
+    def reset_dead(self, z):
+        """Re-seed rarely used codes with random encoder outputs; returns how many."""
+        dead = self.cluster_size < self.dead_frac * self.cluster_size.mean()
+        n = int(dead.sum())
+        if n:
+            flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim)
+            pick = flat[torch.randint(len(flat), (n,), device=flat.device)]
+            self.embed[dead] = pick
+            self.embed_avg[dead] = pick
+            self.cluster_size[dead] = 1.0
+        return n
+
+
+class VQVAE(nn.Module):
+    """(B, C, H, W) uint8 frames <-> (B, H/2^down, W/2^down) token indices."""
+
+    def __init__(self, in_ch=3, hidden=32, latent=64, n_codes=64, down=2, n_res=2):
+        super().__init__()
+        self.n_codes, self.down = n_codes, down
+        enc = [nn.Conv2d(in_ch, hidden, 3, padding=1)]
+        c = hidden
+        for i in range(down):
+            c_out = latent if i == down - 1 else hidden * 2 ** (i + 1)
+            enc += [nn.Conv2d(c, c_out, 4, stride=2, padding=1), nn.GroupNorm(_groups(c_out), c_out), nn.GELU()]
+            c = c_out
+        enc += [ResBlock(latent) for _ in range(n_res)] + [nn.Conv2d(latent, latent, 1)]
+        self.encoder = nn.Sequential(*enc)
+        self.quantizer = VectorQuantizer(n_codes, latent)
+        dec = [nn.Conv2d(latent, latent, 1)] + [ResBlock(latent) for _ in range(n_res)]
+        c = latent
+        for i in reversed(range(down)):
+            c_out = hidden * 2 ** i
+            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c_out, 3, padding=1),
+                    nn.GroupNorm(_groups(c_out), c_out), nn.GELU()]
+            c = c_out
+        dec += [nn.Conv2d(c, in_ch, 3, padding=1), nn.Tanh()]
+        self.decoder = nn.Sequential(*dec)
+
+    def forward(self, x):
+        """x uint8 -> (reconstruction in [-1, 1], indices, commitment loss, pre-quantization z)"""
+        z = self.encoder(to_float(x))
+        q, idx, commit = self.quantizer(z)
+        return self.decoder(q), idx, commit, z
+
+    @torch.no_grad()
+    def encode(self, x):
+        return self.quantizer.codes(self.encoder(to_float(x)))[0]
+
+    def decode(self, idx):
+        """indices (B, h, w) -> frames in [-1, 1]"""
+        return self.decoder(self.quantizer.lookup(idx))
+
+
+# -----------------------------------------------------------------------------
+# token dynamics: next-frame tokens from `context` frames of tokens and the action.
+# A conv net on the token grid: Atari physics is local, and at batch 1 on a CPU a 3x3 conv
+# over 21x16 positions costs a fraction of attention over them (README, "Why a conv net").
+# Action conditioning as seed 003 v1.6: a per-action spatial bias on the input and FiLM in
+# every block; plus a copy-the-last-frame logit, since ~99% of tokens do not change.
+
+class FiLMBlock(nn.Module):
+    def __init__(self, c, cond):
+        super().__init__()
+        self.n1, self.c1 = nn.GroupNorm(_groups(c), c), nn.Conv2d(c, c, 3, padding=1)
+        self.n2, self.c2 = nn.GroupNorm(_groups(c), c), nn.Conv2d(c, c, 3, padding=1)
+        self.film = nn.Linear(cond, 2 * c)
+        self.glob = nn.Linear(c, c)  # global context: scores, serves, events far away
+
+    def forward(self, x, cond):
+        g, b = self.film(cond)[:, :, None, None].chunk(2, 1)
+        h = self.c1(F.gelu(self.n1(x)))
+        h = F.gelu(self.n2(h) * (1 + g) + b + self.glob(h.mean((2, 3)))[:, :, None, None])
+        return x + self.c2(h)
+
+
+class TokenDynamics(nn.Module):
+    def __init__(self, n_codes, n_actions, grid, context=4, emb=32, dim=96, n_blocks=4):
+        super().__init__()
+        self.n_codes, self.n_actions, self.context = n_codes, n_actions, context
+        self.tok = nn.Embedding(n_codes, emb)
+        self.time = nn.Parameter(torch.zeros(context, emb, 1, 1))
+        self.inp = nn.Conv2d(context * emb, dim, 3, padding=1)
+        self.act = nn.Embedding(n_actions, dim)
+        self.act_bias = nn.Parameter(torch.zeros(n_actions, dim, *grid))
+        self.blocks = nn.ModuleList(FiLMBlock(dim, dim) for _ in range(n_blocks))
+        self.out = nn.Sequential(nn.GroupNorm(_groups(dim), dim), nn.GELU(), nn.Conv2d(dim, n_codes, 1))
+        self.copy = nn.Parameter(torch.tensor(3.0))
+
+    def forward(self, hist, action):
+        """hist (B, T, h, w) long tokens, oldest first; action (B,) -> logits (B, n_codes, h, w)"""
+        B, T, h, w = hist.shape
+        e = self.tok(hist).permute(0, 1, 4, 2, 3) + self.time  # (B, T, emb, h, w)
+        a = self.act(action)
+        x = self.inp(e.reshape(B, -1, h, w)) + self.act_bias[action]
+        for blk in self.blocks:
+            x = blk(x, a)
+        copy = F.one_hot(hist[:, -1], self.n_codes).permute(0, 3, 1, 2).to(x.dtype)
+        return self.out(x) + self.copy * copy
+
+
+def load_tokenizer(path, kinds=("vqvae",)):
+    """A tokenizer checkpoint -> (model in eval mode, checkpoint dict)."""
+    ck = load_checkpoint(path, kinds)
+    model = VQVAE(**ck["model_args"])
+    model.load_state_dict(ck["model"])
+    return model.eval(), ck
+
+
+def file_key(path):
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def token_cache(data_dir, tok_path, tok, space, device, skip_bad=False, batch=256):
+    """Tokens of every episode of `data_dir`: {file name: (N+1, h, w) int64}, cached in
+    data_dir/tokens.npz under the tokenizer checkpoint's hash, so that the world model never
+    re-encodes frames. A cache built by another tokenizer is detected and rebuilt; episodes
+    added since are encoded and appended."""
+    from tqdm import tqdm
+    key, path = file_key(tok_path), os.path.join(data_dir, "tokens.npz")
+    cached = {}
+    if os.path.exists(path):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["key"]) == key:
+                    cached = {k: z[k] for k in z.files if k != "key"}
+                else:
+                    print(f"token cache {path} was built by another tokenizer: rebuilding", file=sys.stderr)
+        except Exception:
+            print(f"token cache {path} is unreadable: rebuilding", file=sys.stderr)
+    files = episode_files(data_dir)
+    todo = [f for f in files if os.path.basename(f) not in cached]
+    tok = tok.to(device).eval()
+    for f in tqdm(todo, desc="encode tokens", unit="ep", leave=False):
+        try:
+            frames = preprocess(load_episode(f, keys=["frames", "actions"])["frames"], space)
+        except KitError as e:
+            if skip_bad:
+                continue
+            raise KitError(f"{e} (use --skip-bad to go on without it)") from None
+        cached[os.path.basename(f)] = torch.cat(
+            [tok.encode(frames[i:i + batch].to(device)).cpu() for i in range(0, len(frames), batch)]).numpy().astype(np.int16)
+    if todo:
+        _atomic_write(path, lambda fo: np.savez(fo, key=np.array(key), **cached))
+    names = {os.path.basename(f) for f in files}
+    return {k: torch.from_numpy(v.astype(np.int64)) for k, v in cached.items() if k in names}
+
+
+# -----------------------------------------------------------------------------
+# the world-model contract. play.py, bench.py, the tests and every evaluation use only this:
+#   wm = load_world(path); wm.context; wm.observe(obs); wm.reset(frames); wm.step(action)
+
+class TokenWorld:
+    """Tokenizer + token dynamics behind the contract. Frames are uint8 H x W x C (rgb) or
+    H x W (gray) in the model's frame space."""
+
+    def __init__(self, tok, dyn, space, game, action_meanings, device="cpu"):
+        self.device = torch.device(device)
+        self.tok, self.dyn = tok.to(self.device).eval(), dyn.to(self.device).eval()
+        self.space, self.game, self.action_meanings = space, game, list(action_meanings)
+        self.context, self.n_actions = dyn.context, dyn.n_actions
+        self.hist = None
+
+    def observe(self, obs):
+        f = preprocess(obs, self.space)  # (C, H, W)
+        return f[0].numpy() if f.shape[0] == 1 else f.permute(1, 2, 0).numpy()
+
+    def _chw(self, frames):
+        x = torch.as_tensor(np.stack(frames))
+        return (x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)).to(self.device)
+
+    @torch.inference_mode()
+    def reset(self, frames):
+        if len(frames) != self.context:
+            raise KitError(f"reset wants {self.context} frames of history, got {len(frames)}")
+        self.hist = self.tok.encode(self._chw(frames))[None]  # (1, T, h, w)
+
+    @torch.inference_mode()
+    def step(self, action):
+        if self.hist is None:
+            raise KitError("call reset(frames) before step(action)")
+        if not 0 <= int(action) < self.n_actions:
+            raise KitError(f"action {action} out of range 0..{self.n_actions - 1}")
+        a = torch.tensor([int(action)], device=self.device)
+        nxt = self.dyn(self.hist, a).argmax(1)
+        self.hist = torch.cat([self.hist[:, 1:], nxt[:, None]], 1)
+        f = to_uint8(self.tok.decode(nxt))[0].cpu()
+        return f[0].numpy() if f.shape[0] == 1 else f.permute(1, 2, 0).numpy()
+
+
+def load_world(path, device="cpu"):
+    """Any world checkpoint the kit writes -> an object keeping the contract above."""
+    ck = load_checkpoint(path, ("world",))
+    tok = VQVAE(**ck["tokenizer_args"])
+    tok.load_state_dict(ck["tokenizer"])
+    dyn = TokenDynamics(**ck["model_args"])
+    dyn.load_state_dict(ck["model"])
+    return TokenWorld(tok, dyn, ck["frame_space"], ck["game"], ck["action_meanings"], device)
+
+
+# -----------------------------------------------------------------------------
+# Pong objects in any frame space, in raw 210x160 pixel coordinates: bench.py and the
+# world-model eval score dreams by where the paddle and the ball are, not by average pixels
+# (~99.5% of a Pong frame is static; copying the last frame already scores ~33 dB).
+
+PONG_FIELD = (34, 194)      # raw rows of the play field (between the white walls)
+PONG_PLAYER = (140, 144)    # raw columns of the player's (right, green) paddle
+PONG_OPPONENT = (16, 20)    # raw columns of the opponent's paddle
+
+
+def pong_objects(frame, space):
+    """frame: H x W (x C) uint8 in `space` -> (paddle_row, ball_row, ball_col) in raw pixels,
+    each None when not visible. The ball is searched outside the paddles' columns."""
+    H, W, _ = frame_shape(space)
+    sy, sx = 210 / H, 160 / W
+    f = np.asarray(frame, np.float32)
+    g = f if f.ndim == 2 else f @ np.array([0.299, 0.587, 0.114], np.float32)
+    r0, r1 = int(np.ceil(PONG_FIELD[0] / sy)), int(PONG_FIELD[1] / sy)
+    fg = np.abs(g[r0:r1] - 87.0)  # Pong's background is luminance 87; paddles ~147, ball 236
+    fg[fg < 25] = 0
+    cols = lambda c: slice(int(c[0] / sx), int(np.ceil(c[1] / sx)))
+    pad = fg[:, cols(PONG_PLAYER)].sum(1)
+    paddle = None
+    if pad.sum() > 60:
+        paddle = (np.sum(pad * (np.arange(len(pad)) + 0.5)) / pad.sum() + r0) * sy
+    field = fg.copy()
+    field[:, cols(PONG_PLAYER)] = 0
+    field[:, cols(PONG_OPPONENT)] = 0
+    ball = (None, None)
+    if field.max() > 40:
+        r, c = np.unravel_index(field.argmax(), field.shape)
+        win = field[max(r - 2, 0):r + 3, max(c - 2, 0):c + 3]
+        rr, cc = np.mgrid[max(r - 2, 0):max(r - 2, 0) + win.shape[0], max(c - 2, 0):max(c - 2, 0) + win.shape[1]]
+        ball = ((np.sum(win * (rr + 0.5)) / win.sum() + r0) * sy, np.sum(win * (cc + 0.5)) / win.sum() * sx)
+    return paddle, ball[0], ball[1]

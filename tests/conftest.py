@@ -1,0 +1,46 @@
+"""Shared test helpers: headless SDL, a subprocess runner for the repo's scripts, and one
+small Pong dataset recorded once per session (reused by the tests of the training scripts)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Headless before anything imports pygame: no window, no audio device, no banner.
+os.environ["SDL_VIDEODRIVER"] = "dummy"
+os.environ["SDL_AUDIODRIVER"] = "dummy"
+os.environ["PYGAME_HIDE_SUPPORT_PROMPT"] = "1"
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository root (holds collect.py, common.py)
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # `import common` / `import collect` in tests
+
+# the arguments of the shared dataset, so tests can reproduce or extend it
+PONG_DATA_ARGS = ("--steps", "300", "--max-episode-steps", "100", "--policy", "mix", "--seed", "0")
+
+
+def run_script(script, *args, timeout=120):
+    """Run `python <repo>/<script> *args` from the repo root; CompletedProcess with text stdout/stderr."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def describe(proc):
+    """The tail of a CompletedProcess's output, for assertion messages."""
+    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-2000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+
+
+@pytest.fixture(name="run_script")
+def run_script_fixture():
+    return run_script
+
+
+@pytest.fixture(scope="session")
+def pong_data(tmp_path_factory):
+    """A folder of 3 Pong episodes x 100 steps (mix policy, seed 0), recorded once per session.
+    Read-only for the tests that use it: copy it before changing anything."""
+    out = tmp_path_factory.mktemp("pong_data")
+    proc = run_script("collect.py", *PONG_DATA_ARGS, "--out", out)
+    assert proc.returncode == 0, describe(proc)
+    return out
