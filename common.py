@@ -12,6 +12,7 @@ import os
 import random
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -379,31 +380,39 @@ def split_episodes(files, val_frac=0.1, seed=0):
     return [f for f in files if f not in val], [f for f in files if f in val]
 
 
-def load_dataset(folder, space, val_frac=0.1, seed=0, skip_bad=False, game=None, progress=True):
-    """Episodes of `folder`, preprocessed to `space`: (train, val), each a list of dicts with
-    frames (N+1, C, H, W) uint8 torch, actions (N,) int64 torch, and the file name.
-    A corrupt file stops with its name unless skip_bad; a game other than `game` stops."""
+def load_dataset(folder, space, val_frac=0.1, seed=0, skip_bad=False, progress=True):
+    """Episodes of `folder`, preprocessed to `space`: (train, val, meta); train and val are
+    lists of dicts with frames (N+1, C, H, W) uint8 torch, actions (N,) int64 torch, the file
+    name. A corrupt file stops with its name unless skip_bad; one game per folder."""
     from tqdm import tqdm
     files = episode_files(folder)
     train_f, val_f = split_episodes(files, val_frac, seed)
-    eps, meta = {}, None
-    for f in tqdm(files, desc=f"load {folder}", unit="ep", disable=not progress, leave=False):
+
+    def read(f):  # zlib and the resize release the GIL: two threads use both cores
         try:
             ep = load_episode(f)
-            if game is not None and str(ep.get("game", game)) != game:
-                raise KitError(f"{f} is {ep['game']}, the model was trained on {game}")
+            ep["frames"] = preprocess(ep["frames"], space)
+            return ep
         except KitError as e:
-            if not skip_bad:
-                raise KitError(f"{e} (use --skip-bad to go on without it)") from None
-            print(f"warning: skipping {e}", file=sys.stderr)
-            continue
-        if len(ep["actions"]) == 0:
-            continue
-        meta = meta or {"game": str(ep["game"]), "action_meanings": [str(m) for m in ep["action_meanings"]]}
-        if str(ep["game"]) != meta["game"]:
-            raise KitError(f"{f} is {ep['game']} but {folder} also holds {meta['game']}: one game per folder")
-        eps[f] = {"frames": preprocess(ep["frames"], space), "actions": torch.as_tensor(ep["actions"]),
-                  "rewards": torch.as_tensor(ep["rewards"]), "file": os.path.basename(f)}
+            return e
+
+    eps, meta = {}, None
+    with ThreadPoolExecutor(2) as pool:
+        loaded = tqdm(pool.map(read, files), total=len(files), desc=f"load {folder}", unit="ep",
+                      disable=not progress, leave=False)
+        for f, ep in zip(files, loaded):
+            if isinstance(ep, KitError):
+                if not skip_bad:
+                    raise KitError(f"{ep} (use --skip-bad to go on without it)")
+                print(f"warning: skipping {ep}", file=sys.stderr)
+                continue
+            if len(ep["actions"]) == 0:
+                continue
+            meta = meta or {"game": str(ep["game"]), "action_meanings": [str(m) for m in ep["action_meanings"]]}
+            if str(ep["game"]) != meta["game"]:
+                raise KitError(f"{f} is {ep['game']} but {folder} also holds {meta['game']}: one game per folder")
+            eps[f] = {"frames": ep["frames"], "actions": torch.as_tensor(ep["actions"]),
+                      "rewards": torch.as_tensor(ep["rewards"]), "file": os.path.basename(f)}
     if not eps:
         raise KitError(f"no usable episodes in {folder}")
     train, val = [eps[f] for f in train_f if f in eps], [eps[f] for f in val_f if f in eps]
@@ -419,6 +428,13 @@ def load_dataset(folder, space, val_frac=0.1, seed=0, skip_bad=False, game=None,
 def save_checkpoint(path, ckpt):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     _atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def check_finite(loss, step, out):
+    """Stop on a NaN/inf loss, saying at which step; the last good checkpoint stays as it is."""
+    if not torch.isfinite(loss):
+        kept = f"last good checkpoint kept at {out}" if os.path.exists(out) else "no checkpoint was written yet"
+        raise KitError(f"loss became {loss.item()} at step {step}; {kept}")
 
 
 def load_checkpoint(path, kinds=None):
@@ -615,7 +631,7 @@ def file_key(path):
 
 
 @torch.no_grad()
-def token_cache(data_dir, tok_path, tok, space, device, skip_bad=False, batch=256):
+def token_cache(data_dir, tok_path, tok, space, device, game, skip_bad=False, batch=256):
     """Tokens of every episode of `data_dir`: {file name: (N+1, h, w) int64}, cached in
     data_dir/tokens.npz under the tokenizer checkpoint's hash, so that the world model never
     re-encodes frames. A cache built by another tokenizer is detected and rebuilt; episodes
@@ -637,11 +653,14 @@ def token_cache(data_dir, tok_path, tok, space, device, skip_bad=False, batch=25
     tok = tok.to(device).eval()
     for f in tqdm(todo, desc="encode tokens", unit="ep", leave=False):
         try:
-            frames = preprocess(load_episode(f, keys=["frames", "actions"])["frames"], space)
+            ep = load_episode(f, keys=["frames", "actions", "game"])
         except KitError as e:
             if skip_bad:
                 continue
             raise KitError(f"{e} (use --skip-bad to go on without it)") from None
+        if str(ep["game"]) != game:
+            raise KitError(f"tokenizer {tok_path} was trained on {game}, {f} is {ep['game']}")
+        frames = preprocess(ep["frames"], space)
         cached[os.path.basename(f)] = torch.cat(
             [tok.encode(frames[i:i + batch].to(device)).cpu() for i in range(0, len(frames), batch)]).numpy().astype(np.int16)
     if todo:

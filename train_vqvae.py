@@ -131,8 +131,7 @@ def main():
             rec, idx, commit, z = fwd(x)
             recon = (w * (rec - common.to_float(x)) ** 2).sum() / (w.sum() * x.shape[1])
             loss = recon + args.beta * commit
-            if not torch.isfinite(loss):
-                raise common.KitError(f"loss became {loss.item()} at step {step}; last good checkpoint kept at {out}")
+            common.check_finite(loss, step, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -167,7 +166,7 @@ def main():
     png = os.path.join(args.assets, f"{name}_vqvae_recon.png")
     imageio.imwrite(png, grid)
     files = common.episode_files(args.data)
-    common.token_cache(args.data, out, model, args.frame_space, device, skip_bad=args.skip_bad)
+    common.token_cache(args.data, out, model, args.frame_space, device, meta["game"], args.skip_bad)
     print(f"trained {step} steps in {(time.time() - t0) / 60:.1f} min: val PSNR {metrics.get('val_psnr', float('nan')):.2f} dB, "
           f"{metrics.get('codes_used')} codes used; wrote {out}, {png} and the token cache for {len(files)} episodes")
 

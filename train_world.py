@@ -87,8 +87,22 @@ def importance(hist, target, emb, a):
 # -----------------------------------------------------------------------------
 # eval on frozen windows
 
+def pong_scores(dream, real, space, k):
+    """Paddle error (raw pixels) and ball-within-8-pixels rate, over frames where the real
+    paddle / ball is visible. A dream that lost the paddle counts as 210 pixels off."""
+    pad, ball = [], []
+    for d, r in zip(dream, real):
+        (rp, rb, rc), (dp, db, dc) = [common.pong_objects(common.to_image(x), space) for x in (r, d)]
+        if rp is not None:
+            pad.append(abs(dp - rp) if dp is not None else 210.0)
+        if rb is not None:
+            ball.append(db is not None and np.hypot(db - rb, dc - rc) <= 8)
+    return {f"paddle_px@{k}": float(np.mean(pad)) if pad else float("nan"),
+            f"ball_8px@{k}": float(np.mean(ball)) if ball else float("nan")}
+
+
 @torch.no_grad()
-def evaluate(dyn, tok, val, fixed, T, device):
+def evaluate(dyn, tok, val, fixed, T, device, space, pong):
     dyn.eval()
     H = max(HORIZONS)
     hist, act, tgt = batch(val, fixed, T, H, device)
@@ -111,9 +125,11 @@ def evaluate(dyn, tok, val, fixed, T, device):
         if k + 1 in (5, 10):
             m[f"rollout_acc@{k + 1}"] = (nxt == tgt[:, k]).float().mean().item()
         if k + 1 in HORIZONS:
-            dream = common.to_uint8(tok.decode(nxt)).float().cpu()
-            psnr = lambda x: (10 * torch.log10(255 ** 2 / ((x - real[:, k]) ** 2).mean((1, 2, 3)).clamp_min(1e-3))).mean().item()
+            dream = common.to_uint8(tok.decode(nxt)).cpu()
+            psnr = lambda x: (10 * torch.log10(255 ** 2 / ((x.float() - real[:, k]) ** 2).mean((1, 2, 3)).clamp_min(1e-3))).mean().item()
             m[f"psnr@{k + 1}"], m[f"copy_psnr@{k + 1}"] = psnr(dream), psnr(last)
+            if pong and k + 1 in (10, 30):
+                m.update(pong_scores(dream, real[:, k].to(torch.uint8), space, k + 1))
     dyn.train()
     return m
 
@@ -149,12 +165,11 @@ def main():
     # -------------------------------------------------------------------------
     # data: cached tokens for every episode, frames only for validation
     tok, tck = common.load_tokenizer(tok_path)
+    tok_key = common.file_key(tok_path)
     files = common.episode_files(args.data)
-    first = common.load_episode(files[0], keys=["game", "action_meanings"])
-    if str(first["game"]) != tck["game"]:
-        raise common.KitError(f"tokenizer {tok_path} was trained on {tck['game']}, {args.data} holds {first['game']}")
-    space, meanings = tck["frame_space"], [str(m) for m in first["action_meanings"]]
-    tokens = common.token_cache(args.data, tok_path, tok, space, device, skip_bad=args.skip_bad)
+    space = tck["frame_space"]
+    tokens = common.token_cache(args.data, tok_path, tok, space, device, tck["game"], args.skip_bad)
+    meanings = tck["action_meanings"]
     train_f, val_f = common.split_episodes([f for f in files if os.path.basename(f) in tokens], args.val_frac, args.seed)
     if not val_f:
         val_f = train_f[-1:]
@@ -193,6 +208,8 @@ def main():
         ck = common.load_checkpoint(out, ("world",))
         if ck["model_args"] != model_args:
             raise common.KitError(f"--resume: {out} was trained with other model flags ({ck['model_args']})")
+        if ck["tokenizer_key"] != tok_key:
+            raise common.KitError(f"--resume: {out} was trained over another tokenizer than {tok_path}")
         dyn.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, metrics = ck["step"], ck.get("metrics", {})
@@ -204,7 +221,7 @@ def main():
     def save():
         common.save_checkpoint(out, dict(
             kind="world", model_args=model_args, model=dyn.state_dict(), optimizer=opt.state_dict(),
-            tokenizer_args=tck["model_args"], tokenizer=tok.state_dict(), tokenizer_path=tok_path,
+            tokenizer_args=tck["model_args"], tokenizer=tok.state_dict(), tokenizer_path=tok_path, tokenizer_key=tok_key,
             frame_space=space, game=tck["game"], action_meanings=meanings, step=step, args=vars(args), metrics=metrics))
 
     # -------------------------------------------------------------------------
@@ -232,8 +249,7 @@ def main():
                 keep = torch.rand(len(hist), 1, 1, device=device) < tf
                 nxt = torch.where(keep, tgt[:, k], logits.detach().argmax(1))
                 hist = torch.cat([hist[:, 1:], nxt[:, None]], 1)
-            if not torch.isfinite(loss):
-                raise common.KitError(f"loss became {loss.item()} at step {step}; last good checkpoint kept at {out}")
+            common.check_finite(loss, step, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(dyn.parameters(), 1.0)
@@ -242,7 +258,7 @@ def main():
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", tf=f"{tf:.2f}")
             if step % args.eval_every == 0 or step == args.steps:
-                metrics = evaluate(dyn, tok, val, fixed, T, device)
+                metrics = evaluate(dyn, tok, val, fixed, T, device, space, tck["game"] == "ALE/Pong-v5")
                 tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
                 save()
     except KeyboardInterrupt:

@@ -1,0 +1,378 @@
+"""play.py -- play the game inside the world model: keyboard in, dreamed frames out, in real time.
+
+The dream runs beside a shadow, the real emulator fed the same actions from the same start, so
+you see how long the dream stays with the game. The window shows real | dream | overlay (real
+in green, dream in red, both in yellow) and the dream's error against the real frame, both in
+the model's frame space (the real frame goes through wm.observe, as the training data did).
+
+Examples:
+  python play.py                                          # checkpoints/pong/world.pt at 15 FPS
+  python play.py --world checkpoints/breakout/world.pt --scale 8 --record play.gif
+  python play.py --policy tracker                         # watch the RAM tracker play in the dream
+  python play.py --gif assets/dream.gif --steps 200 --policy tracker      # headless real | dream GIF
+  python play.py --gif assets/dream.gif --steps 200 --actions 2,2,3,3,0   # the list repeats
+  python play.py --benchmark 300                          # FPS of the play loop, no window
+
+Keys: arrows and space, mapped through the game's action meanings (the window lists them; no
+key is NOOP). P pauses, R restarts from a fresh env reset, S syncs the dream to the real game,
+Q or Esc quits. Uses only the world-model contract of common.py (load_world: context, observe,
+reset, step), so it plays every world model the kit trains.
+"""
+import argparse
+import collections
+import itertools
+import os
+import sys
+import time
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+
+import common
+
+# -----------------------------------------------------------------------------
+# flags
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p.add_argument("--world", default="checkpoints/pong/world.pt", help="world-model checkpoint from train_world.py")
+p.add_argument("--seed", type=int, default=0, help="env reset seed of the start; R restarts with seed+1, seed+2, ...")
+p.add_argument("--warmup", type=int, default=None,
+               help="NOOP steps before the dream starts (default and minimum: context - 1, for context real frames)")
+p.add_argument("--shadow", action=argparse.BooleanOptionalAction, default=True,
+               help="run the real emulator beside the dream with the same actions")
+p.add_argument("--fps", type=float, default=15, help="frames per second of the window and of GIFs (the data's rate)")
+p.add_argument("--scale", type=int, default=None, help="screen pixels per model pixel (default: 6 in the window, 3 in GIFs)")
+p.add_argument("--record", default=None, help="window: also save what is shown (.gif; .mp4 needs imageio[ffmpeg])")
+who = p.add_mutually_exclusive_group()
+who.add_argument("--actions", default=None, help="play these action indices instead of the keyboard, repeated: 2,2,3,3,0")
+who.add_argument("--policy", default=None, choices=["random", "sticky", "tracker"],
+                 help="a collect.py policy plays instead of the keyboard (headless default: tracker; it reads the shadow's RAM)")
+mode = p.add_mutually_exclusive_group()
+mode.add_argument("--gif", default=None, help="headless: write a real | dream GIF of --steps frames here, no window")
+mode.add_argument("--benchmark", type=int, default=None, metavar="N",
+                  help="headless: run the play loop N frames with no FPS cap and print the time per part")
+p.add_argument("--steps", type=int, default=200, help="--gif: frames, one per dream step (the start frame is not included)")
+p.add_argument("--threads", type=int, default=1,
+               help="torch threads: a batch-1 step is too small to split, and the emulator and window want the other core")
+p.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
+
+NOOP = 0  # every ALE minimal action set starts with NOOP
+GIF_SCALE = 3
+
+
+# -----------------------------------------------------------------------------
+# the session: a dream and its shadow, advanced one frame at a time
+
+class Session:
+    """The dream and its shadow (the real emulator: same start, same actions). `update(events)`
+    is one frame of the window, so the tests drive it with posted pygame events and a stub world."""
+
+    def __init__(self, wm, env, args, policy=None):
+        self.wm, self.env, self.args, self.policy = wm, env, args, policy
+        self.warmup = wm.context - 1 if args.warmup is None else args.warmup
+        self.held, self.paused, self.running, self.restarts = set(), False, True, 0
+        self.ms = dict(model=0.0, env=0.0, draw=0.0)     # smoothed, for the HUD
+        self.total = dict(model=0.0, env=0.0, draw=0.0)  # seconds, for --benchmark
+        self.fps, self.err, self.psnr = 0.0, 0.0, float("inf")
+        self.restart()
+
+    def restart(self):
+        """Fresh real frames: env reset, `warmup` NOOPs, and the dream starts from the last `context`."""
+        obs, _ = self.env.reset(seed=self.args.seed + self.restarts)
+        self.restarts += 1
+        frames = [self.wm.observe(obs)]
+        for _ in range(self.warmup):
+            obs = self.env.step(NOOP)[0]
+            frames.append(self.wm.observe(obs))
+        self.obs, self.t = obs, 0
+        self.history = collections.deque(frames[-self.wm.context:], maxlen=self.wm.context)
+        self.sync()
+
+    def sync(self):
+        """Re-start the dream from the last `context` real frames: the drift so far is forgiven."""
+        self.wm.reset(list(self.history))
+        self.real = self.dream = self.history[-1]
+        self.err, self.psnr = 0.0, float("inf")
+
+    def act(self):
+        if self.policy is not None:
+            return self.policy(self.env, self.obs)
+        return common.action_for_keys(self.held, self.wm.action_meanings)
+
+    def step(self, action):
+        t0 = time.perf_counter()
+        self.dream = self.wm.step(action)
+        t1 = time.perf_counter()
+        over = False
+        if self.args.shadow:
+            self.obs, _, terminated, truncated, _ = self.env.step(action)
+            self.real = self.wm.observe(self.obs)
+            self.history.append(self.real)
+            d = self.dream.astype(np.float32) - self.real
+            self.err, mse = float(np.abs(d).mean()), float((d * d).mean())
+            self.psnr = 10 * np.log10(255 ** 2 / max(mse, 1e-3))
+            over = terminated or truncated
+        self.t += 1
+        self.tick("model", t1 - t0)
+        self.tick("env", time.perf_counter() - t1)
+        if over:
+            self.restart()  # the real game ended: start both again rather than dream past it
+
+    def tick(self, part, seconds):
+        self.ms[part] += 0.1 * (1000 * seconds - self.ms[part])
+        self.total[part] += seconds
+
+    def update(self, events):
+        """One frame of the window: apply the pygame events, then step unless paused. Held keys are
+        tracked from KEYDOWN/KEYUP (as collect.HumanPolicy), so posted events drive it like a keyboard."""
+        import pygame as pg
+        keys = common.pygame_keys()
+        for e in events:
+            if e.type == pg.QUIT or (e.type == pg.KEYDOWN and e.key in (pg.K_q, pg.K_ESCAPE)):
+                self.running = False
+                return
+            if e.type == pg.KEYDOWN and e.key == pg.K_p:
+                self.paused = not self.paused
+            elif e.type == pg.KEYDOWN and e.key == pg.K_r:
+                self.restart()
+            elif e.type == pg.KEYDOWN and e.key == pg.K_s:
+                self.sync()
+            elif e.type in (pg.KEYDOWN, pg.KEYUP) and e.key in keys:
+                (self.held.add if e.type == pg.KEYDOWN else self.held.discard)(keys[e.key])
+        if not self.paused:
+            self.step(self.act())
+
+
+# -----------------------------------------------------------------------------
+# drawing: one numpy image at the model's resolution, scaled up once; text from a 3x5 bitmap
+# font, so that the headless GIF never touches pygame
+
+FONT = {  # 15 bits per glyph: 5 rows of 3, top row first, left pixel highest
+    "0": 0x7B6F, "1": 0x2C97, "2": 0x73E7, "3": 0x72CF, "4": 0x5BC9, "5": 0x79CF, "6": 0x79EF,
+    "7": 0x7252, "8": 0x7BEF, "9": 0x7BCF, "A": 0x2BED, "B": 0x6BAE, "C": 0x3923, "D": 0x6B6E,
+    "E": 0x79A7, "F": 0x79A4, "G": 0x396B, "H": 0x5BED, "I": 0x7497, "J": 0x126A, "K": 0x5BAD,
+    "L": 0x4927, "M": 0x5FED, "N": 0x6B6D, "O": 0x2B6A, "P": 0x6BA4, "Q": 0x2B73, "R": 0x6BAD,
+    "S": 0x388E, "T": 0x7492, "U": 0x5B6F, "V": 0x5B6A, "W": 0x5BFD, "X": 0x5AAD, "Y": 0x5A92,
+    "Z": 0x72A7, " ": 0x0000, ":": 0x0410, ".": 0x0002, "/": 0x12A4, "-": 0x01C0, "=": 0x0E38,
+    "|": 0x2492, "%": 0x52A5, "+": 0x05D0, "(": 0x2922, ")": 0x224A,
+}
+GLYPHS = {c: np.array([[b >> (14 - 3 * r - k) & 1 for k in range(3)] + [0] for r in range(5)], bool)
+          for c, b in FONT.items()}  # 5x4: the 4th column is the space between letters
+
+
+def text(img, s, y, x, size):
+    """Write `s` into img (H, W, 3) uint8 at (y, x) in white, `size` pixels per font pixel."""
+    if not s:
+        return
+    mask = np.concatenate([GLYPHS.get(c, GLYPHS[" "]) for c in s.upper()], 1).repeat(size, 0).repeat(size, 1)
+    region = img[y:y + mask.shape[0], x:x + mask.shape[1]]
+    region[mask[:region.shape[0], :region.shape[1]]] = 255
+
+
+def strip(width, rows):
+    """A black strip of text rows, each a list of (x, text); large letters where they fit."""
+    size = 2 if all(x + 8 * len(s) <= width for row in rows for x, s in row) else 1
+    line = 7 * size
+    img = np.zeros((len(rows) * line + size, width, 3), np.uint8)
+    for i, row in enumerate(rows):
+        for x, s in row:
+            text(img, s, size + i * line, x, size)
+    return img
+
+
+def foreground(frame):
+    """Distance of each pixel from the background, taken as the frame's median grey level:
+    an Atari screen is mostly one flat background with sprites on it."""
+    g = frame.mean(2)
+    return np.clip(np.abs(g - np.median(g)) * 4, 0, 255).astype(np.uint8)
+
+
+def canvas(s, overlay=True):
+    """real | dream | overlay (the dream alone without a shadow): (H, W, 3) uint8, model space."""
+    dream = common.to_image(s.dream)
+    if not s.args.shadow:
+        return np.ascontiguousarray(dream)
+    real = common.to_image(s.real)
+    panels = [real, dream]
+    if overlay:
+        panels.append(np.stack([foreground(dream), foreground(real), np.zeros(real.shape[:2], np.uint8)], 2))
+    gap = np.full((real.shape[0], 1, 3), 255, np.uint8)
+    return np.concatenate([panels[0]] + [q for panel in panels[1:] for q in (gap, panel)], 1)
+
+
+def labels(s, scale, overlay=True):
+    """Panel names above each panel (panels are W model pixels plus a 1-pixel gap apart)."""
+    names = ["DREAM"] if not s.args.shadow else ["REAL", "DREAM"] + (["REAL GREEN  DREAM RED"] if overlay else [])
+    w = (common.to_image(s.dream).shape[1] + 1) * scale
+    return [(k * w + 2, name) for k, name in enumerate(names)]
+
+
+def legend(meanings):
+    """What each key does in this game, e.g. Pong: 'UP=RIGHT DOWN=LEFT ... SPACE=FIRE'."""
+    keys = [f"{'SPACE' if k == 'FIRE' else k}={meanings[a]}" for k in common.KEYS
+            if (a := common.action_for_keys({k}, meanings)) != NOOP]
+    return "  ".join(keys + ["P PAUSE  R RESTART  S SYNC  Q QUIT"])
+
+
+def hud(s, scale):
+    stats = f"STEP {s.t}  FPS {s.fps:.0f}  MODEL {s.ms['model']:.1f} MS"
+    if s.args.shadow:
+        stats += f"  ERROR {s.err:.1f}  PSNR {s.psnr:.1f} DB"
+    return [labels(s, scale), [(2, stats + ("  PAUSED" if s.paused else ""))], [(2, legend(s.wm.action_meanings))]]
+
+
+def picture(s, scale, rows, overlay=True):
+    """The whole frame as one numpy image: text strip on top of the upscaled panels (GIFs)."""
+    big = canvas(s, overlay).repeat(scale, 0).repeat(scale, 1)
+    return np.concatenate([strip(big.shape[1], rows), big], 0)
+
+
+def draw(screen, s, scale):
+    """Blit the frame: the panels at model resolution, scaled by SDL (cheaper than numpy)."""
+    import pygame as pg
+    c = canvas(s)
+    bar = strip(c.shape[1] * scale, hud(s, scale))
+    screen.blit(pg.image.frombuffer(bar, bar.shape[1::-1], "RGB"), (0, 0))
+    panels = pg.image.frombuffer(c, c.shape[1::-1], "RGB")
+    screen.blit(pg.transform.scale(panels, (c.shape[1] * scale, c.shape[0] * scale)), (0, bar.shape[0]))
+
+
+# -----------------------------------------------------------------------------
+# the window (and --benchmark: the same loop without the FPS cap, on SDL's dummy driver)
+
+def check_display():
+    """Fail before loading anything when no window can open, and say what works instead."""
+    driver, hint = os.environ.get("SDL_VIDEODRIVER", ""), "use --gif out.gif for a headless dream (or --benchmark N)"
+    if driver in ("dummy", "offscreen"):
+        raise common.KitError(f"no window to play in with SDL_VIDEODRIVER={driver}; {hint}")
+    if sys.platform.startswith("linux") and not driver and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise common.KitError(f"no display to open a window on (DISPLAY is not set); {hint}")
+
+
+def open_writer(path, fps):
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if path.lower().endswith(".gif"):
+            return imageio.get_writer(path, duration=1000 / fps, loop=0)
+        return imageio.get_writer(path, fps=fps)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise common.KitError(f"cannot record to {path}: {str(e).splitlines()[0]} "
+                              "(.gif always works; .mp4 needs pip install imageio[ffmpeg])") from None
+
+
+def window(wm, env, args, policy):
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    if args.benchmark:
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    import pygame as pg
+    s = Session(wm, env, args, policy)
+    scale = args.scale or 6
+    c = canvas(s)
+    pg.display.init()  # the display only: no audio device, no fonts
+    try:
+        height = c.shape[0] * scale + strip(c.shape[1] * scale, hud(s, scale)).shape[0]
+        screen = pg.display.set_mode((c.shape[1] * scale, height))
+    except pg.error as e:
+        pg.quit()
+        raise common.KitError(f"cannot open a window ({e}); use --gif out.gif for a headless dream") from None
+    pg.display.set_caption(f"play.py: {wm.game} in {args.world}")
+    writer = open_writer(args.record, args.fps) if args.record else None
+    clock, n, limit, t0 = pg.time.Clock(), 0, args.benchmark or float("inf"), time.perf_counter()
+    try:
+        while s.running and n < limit:
+            s.update(pg.event.get())
+            t = time.perf_counter()
+            draw(screen, s, scale)
+            pg.display.flip()
+            s.tick("draw", time.perf_counter() - t)
+            if writer:
+                writer.append_data(picture(s, GIF_SCALE, hud(s, GIF_SCALE)))
+            clock.tick(0 if args.benchmark else args.fps)
+            s.fps, n = clock.get_fps(), n + 1
+    except KeyboardInterrupt:  # Ctrl-C in the terminal quits like Q
+        pass
+    finally:
+        pg.quit()
+        if writer:
+            writer.close()
+            print(f"wrote {n} frames to {args.record}")
+    if args.benchmark:
+        dt = time.perf_counter() - t0
+        part = {k: 1000 * v / max(n, 1) for k, v in s.total.items()}
+        print(f"benchmark: {n} frames in {dt:.2f} s: {n / dt:.1f} FPS (real time is {args.fps:g}); shadow "
+              f"{'on' if args.shadow else 'off'}, {torch.get_num_threads()} torch thread(s), {wm.game}, {args.world}")
+        print(f"per frame: model step {part['model']:.2f} ms, env step + observe {part['env']:.2f} ms, drawing "
+              f"{part['draw']:.2f} ms, other {1000 * dt / n - sum(part.values()):.2f} ms")
+
+
+# -----------------------------------------------------------------------------
+# headless dreaming: real | dream GIF, no pygame at all
+
+def dream_gif(wm, env, args, policy):
+    s = Session(wm, env, args, policy)
+    scale, frames, psnr = args.scale or GIF_SCALE, [], []
+    for k in range(1, args.steps + 1):
+        s.step(s.act())
+        stats = f"STEP {k}/{args.steps}" + (f"  ERROR {s.err:.1f}  PSNR {s.psnr:.1f} DB" if args.shadow else "")
+        frames.append(picture(s, scale, [labels(s, scale, overlay=False), [(2, stats)]], overlay=False))
+        psnr.append(s.psnr)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.gif)), exist_ok=True)
+        imageio.mimsave(args.gif, frames, duration=1000 / args.fps, loop=0)  # imageio >= 2.28: milliseconds
+    except OSError as e:
+        raise common.KitError(f"cannot write {args.gif}: {e.strerror or e}") from None
+    what = "real | dream" if args.shadow else "dream"
+    fidelity = f", dream PSNR vs real {np.mean(psnr):.1f} dB (mean over steps)" if args.shadow else ""
+    print(f"wrote {args.gif}: {what}, {len(frames)} frames (after dream steps 1..{args.steps}; the start frame "
+          f"is not included), {frames[0].shape[1]}x{frames[0].shape[0]} at {args.fps:g} FPS{fidelity}")
+
+
+# -----------------------------------------------------------------------------
+
+def parse_actions(spec):
+    try:
+        actions = [int(a) for a in spec.split(",") if a.strip()]
+    except ValueError:
+        actions = []
+    if not actions:
+        raise common.KitError(f"--actions wants comma-separated action indices like 2,2,3,3,0, got '{spec}'")
+    return actions
+
+
+def main():
+    args = p.parse_args()
+    if args.steps < 1 or args.fps <= 0 or args.threads < 1 or min(args.scale or 1, args.benchmark or 1) < 1:
+        raise common.KitError("--steps, --fps, --scale, --benchmark and --threads must be positive")
+    if args.gif and not args.gif.lower().endswith(".gif"):
+        raise common.KitError(f"--gif {args.gif}: the file name must end in .gif")
+    actions = parse_actions(args.actions) if args.actions is not None else None
+    headless = args.gif is not None or args.benchmark is not None
+    if not headless:
+        check_display()
+    torch.set_num_threads(args.threads)
+    wm = common.load_world(args.world, device=common.pick_device(args.device))
+    bad = [a for a in actions or [] if not 0 <= a < wm.n_actions]
+    if bad:
+        names = ", ".join(f"{i} {m}" for i, m in enumerate(wm.action_meanings))
+        raise common.KitError(f"--actions: {bad[0]} is not an action of {wm.game} ({names})")
+    if args.warmup is not None and args.warmup < wm.context - 1:
+        raise common.KitError(f"--warmup {args.warmup}: the dream starts from {wm.context} real frames, "
+                              f"so it needs at least {wm.context - 1} steps")
+    env = common.make_env(wm.game, seed=args.seed)
+    if actions is not None:
+        script = itertools.cycle(actions)
+        policy = lambda env, obs: next(script)  # noqa: E731
+    elif args.policy or headless:
+        policy = common.make_policy(args.policy or "tracker", env, np.random.default_rng(args.seed))
+    else:
+        policy = None  # the keyboard
+        print(f"{wm.game} in {args.world}: {legend(wm.action_meanings)}")
+    try:
+        (dream_gif if args.gif else window)(wm, env, args, policy)
+    finally:
+        env.close()
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,148 @@
+"""The discrete path end to end: collect -> train_vqvae -> train_world -> load_world -> step,
+with tiny budgets, plus checkpoint round trip, resume, the token cache and bad input."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import describe, run_script
+
+VQ = ("--steps", "6", "--eval-every", "6", "--batch", "8")
+WORLD = ("--steps", "4", "--eval-every", "4", "--eval-windows", "4", "--gif-steps", "5", "--batch", "4")
+
+
+@pytest.fixture(scope="module")
+def models(pong_data, tmp_path_factory):
+    """A private copy of the dataset (the token cache is written beside it) and tiny models."""
+    tmp = tmp_path_factory.mktemp("world")
+    data = tmp / "pong"
+    shutil.copytree(pong_data, data)
+    vq, world = tmp / "vq.pt", tmp / "world.pt"
+    r = run_script("train_vqvae.py", "--data", data, "--out", vq, "--assets", tmp, *VQ)
+    assert r.returncode == 0, describe(r)
+    assert "val PSNR" in r.stdout and "codes used" in r.stdout
+    r = run_script("train_world.py", "--data", data, "--tokenizer", vq, "--out", world, "--assets", tmp, *WORLD)
+    assert r.returncode == 0, describe(r)
+    assert "acc_changed" in r.stdout and "psnr@30" in r.stdout and "paddle_px@10" in r.stdout
+    return dict(tmp=tmp, data=data, vq=vq, world=world)
+
+
+def first_frames(wm, n):
+    env = common.make_env("Pong", seed=0)
+    obs, _ = env.reset(seed=0)
+    frames = [wm.observe(obs)]
+    for _ in range(n - 1):
+        obs, *_ = env.step(0)
+        frames.append(wm.observe(obs))
+    return frames
+
+
+def test_pipeline_outputs(models):
+    tmp = models["tmp"]
+    assert (tmp / "pong_vqvae_recon.png").stat().st_size > 0
+    assert (tmp / "pong_dream.gif").stat().st_size > 0
+    assert (models["data"] / "tokens.npz").exists()
+    ck = common.load_checkpoint(models["world"], ("world",))
+    for key in ("model_args", "model", "tokenizer_args", "tokenizer", "frame_space", "game", "action_meanings", "step", "args"):
+        assert key in ck, key
+    assert ck["step"] == 4 and ck["game"] == "ALE/Pong-v5"
+
+
+def test_contract(models):
+    wm = common.load_world(models["world"])
+    assert isinstance(wm.context, int) and wm.context == 4
+    frames = first_frames(wm, wm.context)
+    assert frames[0].shape == (84, 64, 3) and frames[0].dtype == np.uint8
+    wm.reset(frames)
+    out = [wm.step(a) for a in (0, 2, 3, 1)]
+    assert all(f.shape == (84, 64, 3) and f.dtype == np.uint8 for f in out)
+    with pytest.raises(common.KitError):
+        wm.step(wm.n_actions)
+    with pytest.raises(common.KitError):
+        wm.reset(frames[:2])
+
+
+def test_round_trip_rebuilds_identical_model(models, tmp_path):
+    # the world checkpoint carries its tokenizer: it loads with the tokenizer file gone
+    solo = tmp_path / "world.pt"
+    shutil.copy(models["world"], solo)
+    a, b = common.load_world(models["world"]), common.load_world(solo)
+    for m1, m2 in ((a.dyn, b.dyn), (a.tok, b.tok)):
+        s1, s2 = m1.state_dict(), m2.state_dict()
+        assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    frames = first_frames(a, a.context)
+    a.reset(frames)
+    b.reset(frames)
+    for act in (2, 2, 3, 0, 1):
+        assert np.array_equal(a.step(act), b.step(act))
+
+
+def test_resume_continues_step_count(models, tmp_path):
+    world = tmp_path / "world.pt"
+    shutil.copy(models["world"], world)
+    r = run_script("train_world.py", "--data", models["data"], "--tokenizer", models["vq"], "--out", world,
+                   "--assets", tmp_path, "--resume", *WORLD, "--steps", "6")
+    assert r.returncode == 0, describe(r)
+    assert "resumed" in r.stdout and "at step 4" in r.stdout
+    assert common.load_checkpoint(world)["step"] == 6
+
+
+def test_token_cache_rebuilt_for_another_tokenizer(models, tmp_path):
+    data = tmp_path / "pong"
+    shutil.copytree(models["data"], data)
+    vq2 = tmp_path / "vq2.pt"
+    r = run_script("train_vqvae.py", "--data", data, "--out", vq2, "--assets", tmp_path, "--seed", "1", *VQ)
+    assert r.returncode == 0, describe(r)
+    with np.load(data / "tokens.npz") as z:  # train_vqvae rebuilt it for its own checkpoint
+        assert str(z["key"]) == common.file_key(vq2)
+    r = run_script("train_world.py", "--data", data, "--tokenizer", models["vq"], "--out", tmp_path / "w.pt",
+                   "--assets", tmp_path, *WORLD)
+    assert r.returncode == 0, describe(r)
+    assert "built by another tokenizer: rebuilding" in r.stderr
+    with np.load(data / "tokens.npz") as z:
+        assert str(z["key"]) == common.file_key(models["vq"])
+
+
+def one_line_error(r, *words):
+    assert r.returncode != 0 and "Traceback" not in r.stderr, describe(r)
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and all(w in last for w in words), describe(r)
+
+
+def test_world_given_as_tokenizer(models, tmp_path):
+    r = run_script("train_world.py", "--data", models["data"], "--tokenizer", models["world"], "--out", tmp_path / "w.pt")
+    one_line_error(r, "world", "vqvae")
+
+
+def test_tokenizer_of_another_game(models, tmp_path):
+    data = tmp_path / "breakout"
+    r = run_script("collect.py", "--game", "Breakout", "--steps", "40", "--max-episode-steps", "20", "--out", data)
+    assert r.returncode == 0, describe(r)
+    r = run_script("train_world.py", "--data", data, "--tokenizer", models["vq"], "--out", tmp_path / "w.pt")
+    one_line_error(r, "Pong", "Breakout")
+
+
+def test_empty_and_corrupt_datasets(models, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(run_script("train_vqvae.py", "--data", empty, "--out", tmp_path / "x.pt"), "no episodes")
+    one_line_error(run_script("train_world.py", "--data", empty, "--tokenizer", models["vq"], "--out", tmp_path / "x.pt"),
+                   "no episodes")
+    bad = tmp_path / "bad"
+    shutil.copytree(models["data"], bad)
+    os.remove(bad / "tokens.npz")
+    victim = sorted(bad.glob("ep_*.npz"))[0]
+    victim.write_bytes(victim.read_bytes()[:5000])
+    r = run_script("train_vqvae.py", "--data", bad, "--out", tmp_path / "x.pt", "--assets", tmp_path, *VQ)
+    one_line_error(r, victim.name, "--skip-bad")
+    r = run_script("train_world.py", "--data", bad, "--tokenizer", models["vq"], "--out", tmp_path / "x.pt")
+    one_line_error(r, victim.name, "--skip-bad")
+
+
+def test_nan_loss_stops_with_step(models, tmp_path):
+    r = run_script("train_vqvae.py", "--data", models["data"], "--out", tmp_path / "x.pt", "--assets", tmp_path,
+                   "--lr", "1e30", *VQ)
+    one_line_error(r, "loss became", "at step")
