@@ -14,6 +14,7 @@ Running again into the same folder adds episodes; it never overwrites.
 """
 import argparse
 import concurrent.futures
+import math
 import os
 import re
 import signal
@@ -88,7 +89,7 @@ def main():
         raise common.KitError("--steps and --max-episode-steps must be positive")
     try:
         mix = tuple(float(w) for w in args.mix.split(","))
-        assert len(mix) == 3 and min(mix) >= 0
+        assert len(mix) == 3 and all(math.isfinite(w) and w >= 0 for w in mix)
     except (ValueError, AssertionError):
         raise common.KitError(f"--mix wants three non-negative weights tracker,sticky,random, got '{args.mix}'") from None
     env = common.make_env(args.game, sticky=args.sticky)
@@ -119,7 +120,8 @@ def main():
         term = np.zeros(n, bool)
         trunc = np.zeros(n, bool)
         term[-1], trunc[-1] = terminated, truncated
-        job = writer.submit(common.save_episode, path, buffers[k][:n + 1], actions[:n], rewards[:n],
+        # actions/rewards are copied: the next episode refills those arrays while this one compresses
+        job = writer.submit(common.save_episode, path, buffers[k][:n + 1], actions[:n].copy(), rewards[:n].copy(),
                             term, trunc, episode=idx, **meta)
         pending[k] = job
         written.append(path)
@@ -156,6 +158,7 @@ def main():
             truncated = truncated or not terminated
             done_steps += n
             save(k, idx, n, actions, rewards, terminated, truncated)
+            n = 0  # saved: a Ctrl-C from here on must not save it again
             ep += 1
             bar.set_postfix(episodes=ep, ret=f"{np.mean(returns):.1f}")
     except (KeyboardInterrupt, Quit) as e:

@@ -372,11 +372,12 @@ def episode_files(folder):
 
 def split_episodes(files, val_frac=0.1, seed=0):
     """Split by episode, never by frame, with a fixed seed. A file's side depends only on its
-    name and the seed, so adding episodes never moves an existing one across."""
-    key = lambda f: hashlib.sha1(f"{seed}:{os.path.basename(f)}".encode()).hexdigest()
-    ranked = sorted(files, key=key)
-    n_val = 0 if len(files) < 2 else max(1, round(val_frac * len(files)))
-    val = set(ranked[:n_val])
+    name and the seed (a hash below the val_frac quantile), so adding episodes never moves an
+    existing one across. A folder too small to get a validation episode gives its lowest hash."""
+    key = lambda f: int(hashlib.sha1(f"{seed}:{os.path.basename(f)}".encode()).hexdigest()[:15], 16)
+    val = {f for f in files if key(f) < val_frac * 16 ** 15}
+    if not val and len(files) >= 2:
+        val = {min(files, key=key)}
     return [f for f in files if f not in val], [f for f in files if f in val]
 
 
@@ -638,17 +639,19 @@ def token_cache(data_dir, tok_path, tok, space, device, game, skip_bad=False, ba
     added since are encoded and appended."""
     from tqdm import tqdm
     key, path = file_key(tok_path), os.path.join(data_dir, "tokens.npz")
+    files = episode_files(data_dir)
+    # an episode re-recorded under the same name has another size or mtime: encode it again
+    sig = {os.path.basename(f): f"{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files}
     cached = {}
     if os.path.exists(path):
         try:
             with np.load(path, allow_pickle=False) as z:
                 if str(z["key"]) == key:
-                    cached = {k: z[k] for k in z.files if k != "key"}
+                    cached = {k: z[k] for k in z.files if k in sig and str(z[f"{k}.sig"]) == sig[k]}
                 else:
                     print(f"token cache {path} was built by another tokenizer: rebuilding", file=sys.stderr)
         except Exception:
             print(f"token cache {path} is unreadable: rebuilding", file=sys.stderr)
-    files = episode_files(data_dir)
     todo = [f for f in files if os.path.basename(f) not in cached]
     tok = tok.to(device).eval()
     for f in tqdm(todo, desc="encode tokens", unit="ep", leave=False):
@@ -664,10 +667,46 @@ def token_cache(data_dir, tok_path, tok, space, device, game, skip_bad=False, ba
         cached[os.path.basename(f)] = torch.cat(
             [tok.encode(frames[i:i + batch].to(device)).cpu() for i in range(0, len(frames), batch)]).numpy().astype(np.int16)
     if todo:
-        _atomic_write(path, lambda fo: np.savez(fo, key=np.array(key), **cached))
-    names = {os.path.basename(f) for f in files}
-    return {k: torch.from_numpy(v.astype(np.int64)) for k, v in cached.items() if k in names}
+        sigs = {f"{k}.sig": np.array(sig[k]) for k in cached}
+        _atomic_write(path, lambda fo: np.savez(fo, key=np.array(key), **cached, **sigs))
+    return {k: torch.from_numpy(v.astype(np.int64)) for k, v in cached.items()}
 
+
+
+class TokenAttention(nn.Module):
+    """The alternative layout, kept for the measured comparison (README, "Why a conv net"):
+    one position per next-frame token, whose input sums the embeddings of the same
+    position's past tokens (sequence h*w + 1 instead of seed 003's 5*h*w + 1), a pre-LN
+    transformer, the same action conditioning and copy logit as TokenDynamics."""
+
+    def __init__(self, n_codes, n_actions, grid, context=4, dim=128, n_blocks=4, heads=4):
+        super().__init__()
+        self.n_codes, self.n_actions, self.context = n_codes, n_actions, context
+        n = grid[0] * grid[1]
+        self.tok = nn.Embedding(n_codes, dim)
+        self.time = nn.Parameter(torch.randn(context, 1, dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(n, dim) * 0.02)
+        self.act = nn.Embedding(n_actions, dim)
+        self.act_bias = nn.Parameter(torch.zeros(n_actions, n, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, 0.0, activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, n_blocks, enable_nested_tensor=False)
+        self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, n_codes))
+        self.copy = nn.Parameter(torch.tensor(3.0))
+
+    def forward(self, hist, action):
+        B, T, h, w = hist.shape
+        x = (self.tok(hist.flatten(2)) + self.time).sum(1) + self.pos + self.act_bias[action]
+        x = torch.cat([self.act(action)[:, None], x], 1)
+        logits = self.out(self.blocks(x)[:, 1:]).transpose(1, 2).reshape(B, self.n_codes, h, w)
+        return logits + self.copy * F.one_hot(hist[:, -1], self.n_codes).permute(0, 3, 1, 2).to(logits.dtype)
+
+
+def make_dynamics(arch, **kw):
+    if arch == "conv":
+        return TokenDynamics(**kw)
+    if arch == "attn":
+        return TokenAttention(**{k: v for k, v in kw.items() if k != "emb"})
+    raise KitError(f"unknown dynamics architecture '{arch}' (conv, attn)")
 
 # -----------------------------------------------------------------------------
 # the world-model contract. play.py, bench.py, the tests and every evaluation use only this:
@@ -716,7 +755,7 @@ def load_world(path, device="cpu"):
     ck = load_checkpoint(path, ("world",))
     tok = VQVAE(**ck["tokenizer_args"])
     tok.load_state_dict(ck["tokenizer"])
-    dyn = TokenDynamics(**ck["model_args"])
+    dyn = make_dynamics(**ck["model_args"])
     dyn.load_state_dict(ck["model"])
     return TokenWorld(tok, dyn, ck["frame_space"], ck["game"], ck["action_meanings"], device)
 

@@ -23,6 +23,7 @@ import collections
 import itertools
 import os
 import sys
+import tempfile
 import time
 
 import imageio.v2 as imageio
@@ -38,27 +39,31 @@ p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=
 p.add_argument("--world", default="checkpoints/pong/world.pt", help="world-model checkpoint from train_world.py")
 p.add_argument("--seed", type=int, default=0, help="env reset seed of the start; R restarts with seed+1, seed+2, ...")
 p.add_argument("--warmup", type=int, default=None,
-               help="NOOP steps before the dream starts (default and minimum: context - 1, for context real frames)")
+               help="NOOP steps before the dream starts, at least context - 1 (for context real frames); None: that minimum")
 p.add_argument("--shadow", action=argparse.BooleanOptionalAction, default=True,
                help="run the real emulator beside the dream with the same actions")
 p.add_argument("--fps", type=float, default=15, help="frames per second of the window and of GIFs (the data's rate)")
-p.add_argument("--scale", type=int, default=None, help="screen pixels per model pixel (default: 6 in the window, 3 in GIFs)")
+p.add_argument("--scale", type=int, default=None, help="screen pixels per model pixel; None: 6 in the window, 3 in GIFs")
 p.add_argument("--record", default=None, help="window: also save what is shown (.gif; .mp4 needs imageio[ffmpeg])")
 who = p.add_mutually_exclusive_group()
 who.add_argument("--actions", default=None, help="play these action indices instead of the keyboard, repeated: 2,2,3,3,0")
 who.add_argument("--policy", default=None, choices=["random", "sticky", "tracker"],
-                 help="a collect.py policy plays instead of the keyboard (headless default: tracker; it reads the shadow's RAM)")
+                 help="a collect.py policy plays instead of the keyboard (tracker reads the shadow's RAM); None: tracker when headless")
 mode = p.add_mutually_exclusive_group()
 mode.add_argument("--gif", default=None, help="headless: write a real | dream GIF of --steps frames here, no window")
 mode.add_argument("--benchmark", type=int, default=None, metavar="N",
                   help="headless: run the play loop N frames with no FPS cap and print the time per part")
 p.add_argument("--steps", type=int, default=200, help="--gif: frames, one per dream step (the start frame is not included)")
 p.add_argument("--threads", type=int, default=1,
-               help="torch threads: a batch-1 step is too small to split, and the emulator and window want the other core")
-p.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
+               help="torch threads; a batch-1 step barely splits, and a 2nd thread stalls when the other core is busy")
+p.add_argument("--device", default=None, help="cuda | mps | cpu; None: the best available")
 
 NOOP = 0  # every ALE minimal action set starts with NOOP
 GIF_SCALE = 3
+
+
+def psnr(mse):
+    return 10 * np.log10(255 ** 2 / max(mse, 1e-3))
 
 
 # -----------------------------------------------------------------------------
@@ -74,7 +79,7 @@ class Session:
         self.held, self.paused, self.running, self.restarts = set(), False, True, 0
         self.ms = dict(model=0.0, env=0.0, draw=0.0)     # smoothed, for the HUD
         self.total = dict(model=0.0, env=0.0, draw=0.0)  # seconds, for --benchmark
-        self.fps, self.err, self.psnr = 0.0, 0.0, float("inf")
+        self.fps, self.err, self.mse = 0.0, 0.0, 0.0
         self.restart()
 
     def restart(self):
@@ -93,7 +98,7 @@ class Session:
         """Re-start the dream from the last `context` real frames: the drift so far is forgiven."""
         self.wm.reset(list(self.history))
         self.real = self.dream = self.history[-1]
-        self.err, self.psnr = 0.0, float("inf")
+        self.err = self.mse = 0.0
 
     def act(self):
         if self.policy is not None:
@@ -110,8 +115,7 @@ class Session:
             self.real = self.wm.observe(self.obs)
             self.history.append(self.real)
             d = self.dream.astype(np.float32) - self.real
-            self.err, mse = float(np.abs(d).mean()), float((d * d).mean())
-            self.psnr = 10 * np.log10(255 ** 2 / max(mse, 1e-3))
+            self.err, self.mse = float(np.abs(d).mean()), float((d * d).mean())
             over = terminated or truncated
         self.t += 1
         self.tick("model", t1 - t0)
@@ -155,7 +159,6 @@ FONT = {  # 15 bits per glyph: 5 rows of 3, top row first, left pixel highest
     "L": 0x4927, "M": 0x5FED, "N": 0x6B6D, "O": 0x2B6A, "P": 0x6BA4, "Q": 0x2B73, "R": 0x6BAD,
     "S": 0x388E, "T": 0x7492, "U": 0x5B6F, "V": 0x5B6A, "W": 0x5BFD, "X": 0x5AAD, "Y": 0x5A92,
     "Z": 0x72A7, " ": 0x0000, ":": 0x0410, ".": 0x0002, "/": 0x12A4, "-": 0x01C0, "=": 0x0E38,
-    "|": 0x2492, "%": 0x52A5, "+": 0x05D0, "(": 0x2922, ")": 0x224A,
 }
 GLYPHS = {c: np.array([[b >> (14 - 3 * r - k) & 1 for k in range(3)] + [0] for r in range(5)], bool)
           for c, b in FONT.items()}  # 5x4: the 4th column is the space between letters
@@ -163,8 +166,6 @@ GLYPHS = {c: np.array([[b >> (14 - 3 * r - k) & 1 for k in range(3)] + [0] for r
 
 def text(img, s, y, x, size):
     """Write `s` into img (H, W, 3) uint8 at (y, x) in white, `size` pixels per font pixel."""
-    if not s:
-        return
     mask = np.concatenate([GLYPHS.get(c, GLYPHS[" "]) for c in s.upper()], 1).repeat(size, 0).repeat(size, 1)
     region = img[y:y + mask.shape[0], x:x + mask.shape[1]]
     region[mask[:region.shape[0], :region.shape[1]]] = 255
@@ -203,7 +204,7 @@ def canvas(s, overlay=True):
 
 def labels(s, scale, overlay=True):
     """Panel names above each panel (panels are W model pixels plus a 1-pixel gap apart)."""
-    names = ["DREAM"] if not s.args.shadow else ["REAL", "DREAM"] + (["REAL GREEN  DREAM RED"] if overlay else [])
+    names = ["REAL", "DREAM"] + (["REAL GREEN  DREAM RED  BOTH YELLOW"] if overlay else []) if s.args.shadow else ["DREAM"]
     w = (common.to_image(s.dream).shape[1] + 1) * scale
     return [(k * w + 2, name) for k, name in enumerate(names)]
 
@@ -218,7 +219,7 @@ def legend(meanings):
 def hud(s, scale):
     stats = f"STEP {s.t}  FPS {s.fps:.0f}  MODEL {s.ms['model']:.1f} MS"
     if s.args.shadow:
-        stats += f"  ERROR {s.err:.1f}  PSNR {s.psnr:.1f} DB"
+        stats += f"  ERROR {s.err:.1f}  PSNR {psnr(s.mse):.1f} DB"
     return [labels(s, scale), [(2, stats + ("  PAUSED" if s.paused else ""))], [(2, legend(s.wm.action_meanings))]]
 
 
@@ -246,13 +247,24 @@ def check_display():
     driver, hint = os.environ.get("SDL_VIDEODRIVER", ""), "use --gif out.gif for a headless dream (or --benchmark N)"
     if driver in ("dummy", "offscreen"):
         raise common.KitError(f"no window to play in with SDL_VIDEODRIVER={driver}; {hint}")
-    if sys.platform.startswith("linux") and not driver and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+    has_display = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    if sys.platform.startswith("linux") and not driver and not has_display:
         raise common.KitError(f"no display to open a window on (DISPLAY is not set); {hint}")
 
 
-def open_writer(path, fps):
+def check_writable(path):
+    """Fail before dreaming, not after, when the output cannot be written."""
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise common.KitError(f"cannot write {path}: {e.strerror}") from None
+
+
+def open_writer(path, fps):
+    """--record: frames are appended as they are shown."""
+    try:
         if path.lower().endswith(".gif"):
             return imageio.get_writer(path, duration=1000 / fps, loop=0)
         return imageio.get_writer(path, fps=fps)
@@ -262,6 +274,7 @@ def open_writer(path, fps):
 
 
 def window(wm, env, args, policy):
+    """Play in a window until Q; with --benchmark, N frames as fast as possible, then the timings."""
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     if args.benchmark:
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
@@ -277,11 +290,13 @@ def window(wm, env, args, policy):
         pg.quit()
         raise common.KitError(f"cannot open a window ({e}); use --gif out.gif for a headless dream") from None
     pg.display.set_caption(f"play.py: {wm.game} in {args.world}")
-    writer = open_writer(args.record, args.fps) if args.record else None
-    clock, n, limit, t0 = pg.time.Clock(), 0, args.benchmark or float("inf"), time.perf_counter()
+    clock, writer, n, limit, t0 = pg.time.Clock(), None, 0, args.benchmark or float("inf"), time.perf_counter()
     try:
-        while s.running and n < limit:
+        writer = open_writer(args.record, args.fps) if args.record else None
+        while n < limit:
             s.update(pg.event.get())
+            if not s.running:
+                break
             t = time.perf_counter()
             draw(screen, s, scale)
             pg.display.flip()
@@ -310,22 +325,25 @@ def window(wm, env, args, policy):
 # headless dreaming: real | dream GIF, no pygame at all
 
 def dream_gif(wm, env, args, policy):
+    """--steps dream steps from real start frames, the real game beside them, into one GIF."""
     s = Session(wm, env, args, policy)
-    scale, frames, psnr = args.scale or GIF_SCALE, [], []
+    scale, frames, err, mse = args.scale or GIF_SCALE, [], [], []
     for k in range(1, args.steps + 1):
         s.step(s.act())
-        stats = f"STEP {k}/{args.steps}" + (f"  ERROR {s.err:.1f}  PSNR {s.psnr:.1f} DB" if args.shadow else "")
+        # the counter also keeps every frame distinct: Pillow merges identical neighbours, and the GIF
+        # must have exactly --steps frames
+        stats = f"STEP {k}/{args.steps}" + (f"  ERROR {s.err:.1f}  PSNR {psnr(s.mse):.1f} DB" if args.shadow else "")
         frames.append(picture(s, scale, [labels(s, scale, overlay=False), [(2, stats)]], overlay=False))
-        psnr.append(s.psnr)
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(args.gif)), exist_ok=True)
-        imageio.mimsave(args.gif, frames, duration=1000 / args.fps, loop=0)  # imageio >= 2.28: milliseconds
+        err.append(s.err)
+        mse.append(s.mse)
+    try:  # GIF frame durations are in milliseconds since imageio 2.28 (1/fps would mean "no delay")
+        imageio.mimsave(args.gif, frames, duration=1000 / args.fps, loop=0)
     except OSError as e:
-        raise common.KitError(f"cannot write {args.gif}: {e.strerror or e}") from None
-    what = "real | dream" if args.shadow else "dream"
-    fidelity = f", dream PSNR vs real {np.mean(psnr):.1f} dB (mean over steps)" if args.shadow else ""
-    print(f"wrote {args.gif}: {what}, {len(frames)} frames (after dream steps 1..{args.steps}; the start frame "
-          f"is not included), {frames[0].shape[1]}x{frames[0].shape[0]} at {args.fps:g} FPS{fidelity}")
+        raise common.KitError(f"cannot write {args.gif}: {e.strerror}") from None
+    print(f"wrote {args.gif}: {'real | dream' if args.shadow else 'dream'}, {len(frames)} frames (after dream steps "
+          f"1..{args.steps}; the start frame is not included), {frames[0].shape[1]}x{frames[0].shape[0]} at {args.fps:g} FPS")
+    if args.shadow:
+        print(f"dream vs real: mean abs error {np.mean(err):.2f}, PSNR {psnr(np.mean(mse)):.2f} dB over the {args.steps} steps")
 
 
 # -----------------------------------------------------------------------------
@@ -342,11 +360,15 @@ def parse_actions(spec):
 
 def main():
     args = p.parse_args()
-    if args.steps < 1 or args.fps <= 0 or args.threads < 1 or min(args.scale or 1, args.benchmark or 1) < 1:
-        raise common.KitError("--steps, --fps, --scale, --benchmark and --threads must be positive")
+    for flag in ("steps", "fps", "scale", "benchmark", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise common.KitError(f"--{flag} must be positive, got {getattr(args, flag)}")
     if args.gif and not args.gif.lower().endswith(".gif"):
         raise common.KitError(f"--gif {args.gif}: the file name must end in .gif")
     actions = parse_actions(args.actions) if args.actions is not None else None
+    for path in (args.gif, args.record):
+        if path:
+            check_writable(path)
     headless = args.gif is not None or args.benchmark is not None
     if not headless:
         check_display()

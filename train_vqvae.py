@@ -32,10 +32,10 @@ p.add_argument("--data", default="data/pong", help="folder of episodes from coll
 p.add_argument("--out", default=None, help="checkpoint path (default: checkpoints/<data name>/vqvae.pt)")
 p.add_argument("--frame-space", default="rgb84x64", choices=list(common.FRAME_SPACES), help="preprocessing of raw frames")
 p.add_argument("--hidden", type=int, default=16, help="channels of the full-resolution conv layers")
-p.add_argument("--latent", type=int, default=64, help="channels at the token grid, and the code dimension")
+p.add_argument("--latent", type=int, default=32, help="channels at the token grid, and the code dimension")
 p.add_argument("--codes", type=int, default=64, help="codebook size (seed 003: 32)")
 p.add_argument("--down", type=int, default=2, help="stride-2 stages: token grid = frame / 2^down (84x64 -> 21x16)")
-p.add_argument("--steps", type=int, default=1200, help="optimizer steps")
+p.add_argument("--steps", type=int, default=800, help="optimizer steps")
 p.add_argument("--batch", type=int, default=32, help="frames per batch")
 p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
 p.add_argument("--beta", type=float, default=0.25, help="commitment loss weight (van den Oord et al. 2017)")
@@ -53,6 +53,17 @@ p.add_argument("--assets", default="assets", help="where the reconstruction PNG 
 
 
 # -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def recon_grid(model, V, path, device):
+    """8 validation frames, real on top, reconstruction below, 3x upscaled."""
+    model.eval()
+    x = V[torch.linspace(0, len(V) - 1, 8).long()].to(device)
+    rec = common.to_uint8(model(x)[0])
+    model.train()
+    grid = np.concatenate([np.concatenate([common.to_image(a) for a in row], 1) for row in (x.cpu(), rec.cpu())], 0)
+    imageio.imwrite(path, grid.repeat(3, 0).repeat(3, 1))
+
 
 @torch.no_grad()
 def evaluate(model, val, device, batch=256):
@@ -107,6 +118,8 @@ def main():
         step = ck["step"]
         print(f"resumed {out} at step {step}")
     fwd = torch.compile(model) if args.compile else model
+    os.makedirs(args.assets, exist_ok=True)
+    png = os.path.join(args.assets, f"{name}_vqvae_recon.png")
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
 
     def save(metrics):
@@ -145,6 +158,7 @@ def main():
                 tqdm.write(f"step {step}: recon {recon.item():.5f}  val PSNR {psnr:.2f} dB  "
                            f"codes used {used}/{args.codes}  perplexity {ppl:.1f}")
                 save(metrics)
+                recon_grid(model, V, png, device)
             bar.update(1)
             bar.set_postfix(loss=f"{recon.item():.4f}")
     except KeyboardInterrupt:
@@ -155,16 +169,7 @@ def main():
     bar.close()
 
     # -------------------------------------------------------------------------
-    # outputs: the reconstruction grid and the token cache
-    with torch.no_grad():
-        model.eval()
-        x = V[torch.linspace(0, len(V) - 1, 8).long()].to(device)
-        rec = common.to_uint8(model(x)[0])
-    grid = np.concatenate([np.concatenate([common.to_image(a) for a in row], 1) for row in (x.cpu(), rec.cpu())], 0)
-    grid = grid.repeat(3, 0).repeat(3, 1)
-    os.makedirs(args.assets, exist_ok=True)
-    png = os.path.join(args.assets, f"{name}_vqvae_recon.png")
-    imageio.imwrite(png, grid)
+    # outputs: the token cache (the reconstruction grid is written at every eval)
     files = common.episode_files(args.data)
     common.token_cache(args.data, out, model, args.frame_space, device, meta["game"], args.skip_bad)
     print(f"trained {step} steps in {(time.time() - t0) / 60:.1f} min: val PSNR {metrics.get('val_psnr', float('nan')):.2f} dB, "
