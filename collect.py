@@ -57,6 +57,7 @@ class HumanPolicy:
     scripted event sequence drives it exactly as a keyboard does (tests)."""
 
     def __init__(self, meanings, fps=15, scale=3):
+        common.check_display("--policy human needs a window; record with another policy headless")
         import pygame
         pygame.init()
         self.pg, self.meanings, self.fps, self.scale = pygame, meanings, fps, scale

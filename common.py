@@ -257,6 +257,16 @@ def make_policy(name, env, rng, mix_weights=(0.5, 0.3, 0.2), warn=True):
     raise KitError(f"unknown policy '{name}' (random, sticky, tracker, mix)")
 
 
+def check_display(hint):
+    """Fail before loading anything when no window can open, and say what works instead."""
+    driver = os.environ.get("SDL_VIDEODRIVER", "")
+    if driver in ("dummy", "offscreen"):
+        raise KitError(f"no window can open with SDL_VIDEODRIVER={driver}; {hint}")
+    has_display = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    if sys.platform.startswith("linux") and not driver and not has_display:
+        raise KitError(f"no display to open a window on (DISPLAY is not set); {hint}")
+
+
 def pygame_keys():
     """pygame key code -> name in KEYS (arrows, space for FIRE). Imported lazily: headless
     scripts never load pygame."""
@@ -515,13 +525,16 @@ class VectorQuantizer(nn.Module):
         return z + (q - z).detach(), idx, commit
 
     @torch.no_grad()
-    def reset_dead(self, z):
-        """Re-seed rarely used codes with random encoder outputs; returns how many."""
+    def reset_dead(self, z, weight=None):
+        """Re-seed rarely used codes with encoder outputs drawn by `weight` (B, h, w); returns how
+        many. Uniform draws land on the background (~98% of Atari tokens) and make near-duplicate
+        background codes that flip from frame to frame; drawing from where things are does not."""
         dead = self.cluster_size < self.dead_frac * self.cluster_size.mean()
         n = int(dead.sum())
         if n:
             flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim)
-            pick = flat[torch.randint(len(flat), (n,), device=flat.device)]
+            w = torch.ones(len(flat), device=flat.device) if weight is None else weight.reshape(-1) + 1e-6
+            pick = flat[torch.multinomial(w, n, replacement=True)]
             self.embed[dead] = pick
             self.embed_avg[dead] = pick
             self.cluster_size[dead] = 1.0
@@ -753,10 +766,13 @@ class TokenWorld:
 def load_world(path, device="cpu"):
     """Any world checkpoint the kit writes -> an object keeping the contract above."""
     ck = load_checkpoint(path, ("world",))
-    tok = VQVAE(**ck["tokenizer_args"])
-    tok.load_state_dict(ck["tokenizer"])
-    dyn = make_dynamics(**ck["model_args"])
-    dyn.load_state_dict(ck["model"])
+    try:
+        tok = VQVAE(**ck["tokenizer_args"])
+        tok.load_state_dict(ck["tokenizer"])
+        dyn = make_dynamics(**ck["model_args"])
+        dyn.load_state_dict(ck["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise KitError(f"{path} does not fit this version of the kit ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return TokenWorld(tok, dyn, ck["frame_space"], ck["game"], ck["action_meanings"], device)
 
 

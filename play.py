@@ -44,7 +44,7 @@ p.add_argument("--shadow", action=argparse.BooleanOptionalAction, default=True,
                help="run the real emulator beside the dream with the same actions")
 p.add_argument("--fps", type=float, default=15, help="frames per second of the window and of GIFs (the data's rate)")
 p.add_argument("--scale", type=int, default=None, help="screen pixels per model pixel; None: 6 in the window, 3 in GIFs")
-p.add_argument("--record", default=None, help="window: also save what is shown (.gif; .mp4 needs imageio[ffmpeg])")
+p.add_argument("--record", default=None, help="window: also save what is shown, at scale 3 (.gif; .mp4 needs imageio[ffmpeg])")
 who = p.add_mutually_exclusive_group()
 who.add_argument("--actions", default=None, help="play these action indices instead of the keyboard, repeated: 2,2,3,3,0")
 who.add_argument("--policy", default=None, choices=["random", "sticky", "tracker"],
@@ -242,16 +242,6 @@ def draw(screen, s, scale):
 # -----------------------------------------------------------------------------
 # the window (and --benchmark: the same loop without the FPS cap, on SDL's dummy driver)
 
-def check_display():
-    """Fail before loading anything when no window can open, and say what works instead."""
-    driver, hint = os.environ.get("SDL_VIDEODRIVER", ""), "use --gif out.gif for a headless dream (or --benchmark N)"
-    if driver in ("dummy", "offscreen"):
-        raise common.KitError(f"no window to play in with SDL_VIDEODRIVER={driver}; {hint}")
-    has_display = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
-    if sys.platform.startswith("linux") and not driver and not has_display:
-        raise common.KitError(f"no display to open a window on (DISPLAY is not set); {hint}")
-
-
 def check_writable(path):
     """Fail before dreaming, not after, when the output cannot be written."""
     try:
@@ -371,7 +361,7 @@ def main():
             check_writable(path)
     headless = args.gif is not None or args.benchmark is not None
     if not headless:
-        check_display()
+        common.check_display("use --gif out.gif for a headless dream (or --benchmark N)")
     torch.set_num_threads(args.threads)
     wm = common.load_world(args.world, device=common.pick_device(args.device))
     bad = [a for a in actions or [] if not 0 <= a < wm.n_actions]

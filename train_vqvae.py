@@ -67,20 +67,24 @@ def recon_grid(model, V, path, device):
 
 @torch.no_grad()
 def evaluate(model, val, device, batch=256):
-    """Validation PSNR (dB, on [0, 255]), codes used, perplexity."""
+    """Validation PSNR (dB, on [0, 255]), codes used, perplexity, and stability: the share of
+    token cells whose pixels do not change between consecutive frames that keep their code
+    (a flip there is noise the world model would have to predict). `val` holds frame pairs."""
     model.eval()
-    mse, counts = [], torch.zeros(model.n_codes)
+    mse, counts, stable = [], torch.zeros(model.n_codes), []
     for i in range(0, len(val), batch):
         x = val[i:i + batch].to(device)
         rec, idx, _, _ = model(x)
         mse.append(((common.to_uint8(rec).float() - x.float()) ** 2).mean((1, 2, 3)).cpu())
         counts += torch.bincount(idx.flatten().cpu(), minlength=model.n_codes)
+        still = F.max_pool2d((x[0::2] != x[1::2]).any(1, keepdim=True).float(), 2 ** model.down)[:, 0] == 0
+        stable.append((idx[0::2] == idx[1::2])[still].float().cpu())
     model.train()
     mse = torch.cat(mse)
     psnr = (10 * torch.log10(255 ** 2 / mse.clamp_min(1e-3))).mean().item()
     prob = counts / counts.sum()
     perplexity = torch.exp(-(prob[prob > 0] * prob[prob > 0].log()).sum()).item()
-    return psnr, int((counts > 0).sum()), perplexity
+    return psnr, int((counts > 0).sum()), perplexity, torch.cat(stable).mean().item()
 
 
 def main():
@@ -97,7 +101,8 @@ def main():
     train, val, meta = common.load_dataset(args.data, args.frame_space, args.val_frac, args.seed, args.skip_bad)
     X = torch.cat([ep["frames"] for ep in train])
     V = torch.cat([ep["frames"] for ep in (val or train)])
-    V = V[torch.linspace(0, len(V) - 1, min(len(V), 1024)).long()]
+    pairs = torch.linspace(0, len(V) - 2, min(len(V) - 1, 512)).long()
+    V = torch.stack([V[pairs], V[pairs + 1]], 1).flatten(0, 1)  # consecutive frames, for stability
     bg = X[torch.randperm(len(X))[:2000]].float().median(0).values  # the static background
     print(f"data: {len(X)} train frames ({len(train)} episodes), {len(V)} val frames ({len(val)} episodes), "
           f"{meta['game']}, {args.frame_space}")
@@ -151,12 +156,12 @@ def main():
             opt.step()
             step += 1
             if step % args.reset_every == 0 and step < 0.8 * args.steps:
-                model.quantizer.reset_dead(z.detach())
+                model.quantizer.reset_dead(z.detach(), F.max_pool2d(w - 1, 2 ** args.down)[:, 0])
             if step % args.eval_every == 0 or step == args.steps:
-                psnr, used, ppl = evaluate(model, V, device)
-                metrics = dict(recon=recon.item(), val_psnr=psnr, codes_used=used, perplexity=ppl)
+                psnr, used, ppl, stable = evaluate(model, V, device)
+                metrics = dict(recon=recon.item(), val_psnr=psnr, codes_used=used, perplexity=ppl, stability=stable)
                 tqdm.write(f"step {step}: recon {recon.item():.5f}  val PSNR {psnr:.2f} dB  "
-                           f"codes used {used}/{args.codes}  perplexity {ppl:.1f}")
+                           f"codes used {used}/{args.codes}  perplexity {ppl:.1f}  stability {stable:.3f}")
                 save(metrics)
                 recon_grid(model, V, png, device)
             bar.update(1)

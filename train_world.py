@@ -149,7 +149,7 @@ def dream_gif(dyn, tok, ep, T, steps, path, device, fps=15):
             diff = np.abs(real.astype(int) - dream.astype(int)).astype(np.uint8)
             sep = np.full((real.shape[0], 2, 3), 255, np.uint8)
             frames.append(np.concatenate([real, sep, dream, sep, diff], 1).repeat(3, 0).repeat(3, 1))
-    imageio.mimsave(path, frames, duration=1 / fps, loop=0)
+    imageio.mimsave(path, frames, duration=1000 / fps, loop=0)  # milliseconds since imageio 2.28
 
 
 # -----------------------------------------------------------------------------

@@ -591,9 +591,10 @@ def test_action_for_keys_full_action_set():
 # -----------------------------------------------------------------------------
 # 12. the human policy, driven by posted pygame events
 
-def test_human_policy_keys_and_quit():
+def test_human_policy_keys_and_quit(monkeypatch):
     import pygame
     import collect
+    monkeypatch.setattr(common, "check_display", lambda hint: None)  # the dummy driver stands in for a screen
     policy = collect.HumanPolicy(PONG_MEANINGS, fps=1000, scale=1)
     try:
         frame = np.zeros((210, 160, 3), np.uint8)
@@ -614,3 +615,9 @@ def test_human_policy_keys_and_quit():
             policy(None, None)
     finally:
         pygame.quit()
+
+
+def test_human_policy_without_display_says_so():
+    r = run_script("collect.py", "--policy", "human", "--steps", "10", "--out", "/tmp/never-written")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, describe(r)
+    assert r.stderr.strip().splitlines()[-1].startswith("error: no window can open"), describe(r)
