@@ -32,6 +32,7 @@ p.add_argument("--world", default="checkpoints/pong/world.pt", help="world: chec
 p.add_argument("--data", default="data/pong", help="world: dataset (its validation episodes are used)")
 p.add_argument("--windows", type=int, default=64, help="world: open-loop windows of 30 steps")
 p.add_argument("--device", default="cpu", help="world: device for the speed test")
+p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="world: also time torch.compile")
 HORIZONS = (1, 5, 10, 30)
 
 
@@ -51,6 +52,15 @@ def bench_collect(args):
             env.reset()
     raw = args.steps / (time.perf_counter() - t)
     print(f"raw emulator (gym.make, random actions, no recording): {raw:.0f} steps/s")
+    env = common.make_env(args.game, seed=0)  # + the max of the last two frames (a second screen grab)
+    rng = np.random.default_rng(0)
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        _, _, term, trunc, _ = env.step(int(rng.integers(env.action_space.n)))
+        if term or trunc:
+            env.reset()
+    kit = args.steps / (time.perf_counter() - t)
+    print(f"kit env (common.make_env: max-pooled frames, no recording): {kit:.0f} steps/s, {kit / raw:.0%} of raw")
     print(f"| policy | steps/s (recorded to disk) | share of raw |\n|---|---|---|")
     for policy in ("random", "sticky", "tracker", "mix"):
         out = tempfile.mkdtemp()
@@ -123,8 +133,10 @@ def bench_world(args):
 
     eager = rate()
     print(f"wm.step batch 1 on {args.device} ({torch.get_num_threads()} threads): {eager:.0f} steps/s eager")
+    if not args.compile:
+        return
     try:
-        wm.dyn, wm.tok.decoder = torch.compile(wm.dyn), torch.compile(wm.tok.decoder)
+        wm.compile()
         t = time.perf_counter()
         wm.reset(frames)
         wm.step(0)

@@ -146,7 +146,9 @@ def main():
             env_seed, pol_seed = np.random.SeedSequence([args.seed, idx]).generate_state(2)
             rng = np.random.default_rng(pol_seed)
             policy = human or common.make_policy(args.policy, env, rng, mix, warn=ep == 0)
-            obs, _ = env.reset(seed=int(env_seed))
+            # a seeded reset reloads the ROM (~90 ms); without sticky actions the emulator is
+            # deterministic given the actions, so only the first episode needs it
+            obs, _ = env.reset(seed=int(env_seed)) if ep == 0 or args.sticky > 0 else env.reset()
             buf, n, terminated, truncated = buffers[k], 0, False, False
             buf[0] = obs
             limit = min(cap, args.steps - done_steps)

@@ -304,7 +304,7 @@ BAD_INPUT = [  # (arguments, the expected error line's text; None: argparse's us
     pytest.param(["--world", "{tmp}/nope.pt"], "no checkpoint at", id="no-checkpoint"),
     pytest.param(["--world", "{vqvae}"], "is a 'vqvae' checkpoint; expected world", id="tokenizer-checkpoint"),
     pytest.param(["--world", "{tmp}/junk.pt"], "cannot read checkpoint", id="junk-file"),
-    pytest.param(["--gif", None], "no window to play in with SDL_VIDEODRIVER=dummy", id="no-display"),
+    pytest.param(["--gif", None], "no window can open with SDL_VIDEODRIVER=dummy", id="no-display"),
     pytest.param(["--actions", "2,9"], "--actions: 9 is not an action of ALE/Pong-v5 (0 NOOP, 1 FIRE, ", id="action-range"),
     pytest.param(["--actions", "-1"], "--actions: -1 is not an action", id="action-negative"),
     pytest.param(["--actions", "up,down"], "--actions wants comma-separated action indices", id="actions-text"),

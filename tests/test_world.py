@@ -2,13 +2,17 @@
 with tiny budgets, plus checkpoint round trip, resume, the token cache and bad input."""
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import common
-from conftest import describe, run_script
+from conftest import ROOT, describe, run_script
 
 VQ = ("--steps", "6", "--eval-every", "6", "--batch", "8")
 WORLD = ("--steps", "4", "--eval-every", "4", "--eval-windows", "4", "--gif-steps", "5", "--batch", "4")
@@ -23,7 +27,7 @@ def models(pong_data, tmp_path_factory):
     vq, world = tmp / "vq.pt", tmp / "world.pt"
     r = run_script("train_vqvae.py", "--data", data, "--out", vq, "--assets", tmp, *VQ)
     assert r.returncode == 0, describe(r)
-    assert "val PSNR" in r.stdout and "codes used" in r.stdout
+    assert "val PSNR" in r.stdout and "codes used" in r.stdout and "stability" in r.stdout
     r = run_script("train_world.py", "--data", data, "--tokenizer", vq, "--out", world, "--assets", tmp, *WORLD)
     assert r.returncode == 0, describe(r)
     assert "acc_changed" in r.stdout and "psnr@30" in r.stdout and "paddle_px@10" in r.stdout
@@ -146,3 +150,59 @@ def test_nan_loss_stops_with_step(models, tmp_path):
     r = run_script("train_vqvae.py", "--data", models["data"], "--out", tmp_path / "x.pt", "--assets", tmp_path,
                    "--lr", "1e30", *VQ)
     one_line_error(r, "loss became", "at step")
+
+
+def test_token_cache_reencodes_a_rerecorded_episode(models, tmp_path):
+    data = tmp_path / "pong"
+    shutil.copytree(models["data"], data)
+    tok, ck = common.load_tokenizer(models["vq"])
+    args = (str(data), str(models["vq"]), tok, ck["frame_space"], "cpu", ck["game"])
+    first = common.token_cache(*args)
+    a, b = sorted(first)[:2]
+    assert not torch.equal(first[a], first[b])
+    shutil.copy(data / b, data / a)  # episode a re-recorded: same name, other content
+    again = common.token_cache(*args)
+    assert torch.equal(again[a], first[b]) and torch.equal(again[b], first[b])
+
+
+def test_dead_codes_reseeded_where_the_weight_is():
+    torch.manual_seed(0)
+    vq = common.VectorQuantizer(8, 4)
+    vq.cluster_size[:] = torch.tensor([100.0] * 4 + [0.0] * 4)  # codes 4..7 are dead
+    z = torch.zeros(1, 4, 3, 3)
+    z[0, :, 1, 2] = torch.tensor([5.0, -5.0, 5.0, -5.0])  # the one cell where something is
+    weight = torch.zeros(1, 3, 3)
+    weight[0, 1, 2] = 1.0
+    assert vq.reset_dead(z, weight) == 4
+    assert torch.allclose(vq.embed[4:], z[0, :, 1, 2].expand(4, 4))
+    assert (vq.cluster_size[4:] == 1).all()
+
+
+def test_bench_runs(models, tmp_path):
+    r = run_script("bench.py", "world", "--world", models["world"], "--data", models["data"], "--windows", "3", "--no-compile")
+    assert r.returncode == 0, describe(r)
+    assert "| 30 |" in r.stdout and "paddle error @10" in r.stdout and "steps/s eager" in r.stdout
+    r = run_script("bench.py", "collect", "--steps", "100")
+    assert r.returncode == 0, describe(r)
+    assert "raw emulator" in r.stdout and "| tracker |" in r.stdout
+
+
+def test_ctrl_c_keeps_a_resumable_checkpoint(models, tmp_path):
+    out = tmp_path / "vq.pt"
+    cmd = [sys.executable, str(ROOT / "train_vqvae.py"), "--data", str(models["data"]), "--out", str(out),
+           "--assets", str(tmp_path), "--steps", "100000", "--eval-every", "2", "--batch", "4"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 90
+    while not out.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert "continue with --resume" in stderr
+    step = common.load_checkpoint(out, ("vqvae",))["step"]
+    assert step >= 2
+    r = run_script("train_vqvae.py", "--data", models["data"], "--out", out, "--assets", tmp_path, "--resume",
+                   "--steps", step + 2, "--eval-every", "2", "--batch", "4")
+    assert r.returncode == 0 and f"resumed {out} at step {step}" in r.stdout, describe(r)
+    assert common.load_checkpoint(out)["step"] == step + 2
