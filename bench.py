@@ -33,6 +33,8 @@ p.add_argument("--data", default="data/pong", help="world: dataset (its validati
 p.add_argument("--windows", type=int, default=64, help="world: open-loop windows of 30 steps")
 p.add_argument("--device", default="cpu", help="world: device for the speed test")
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="world: also time torch.compile")
+p.add_argument("--threads", type=int, default=1, help="world: torch threads (play.py's default: a batch-1 step barely splits)")
+p.add_argument("--speed-steps", type=int, default=300, help="world: wm.step calls timed for the speed test")
 HORIZONS = (1, 5, 10, 30)
 
 
@@ -76,6 +78,7 @@ def bench_collect(args):
 # -----------------------------------------------------------------------------
 
 def bench_world(args):
+    torch.set_num_threads(args.threads)
     wm = common.load_world(args.world, device=args.device)
     ck = common.load_checkpoint(args.world, ("world",))
     T, H = wm.context, max(HORIZONS)
@@ -122,7 +125,7 @@ def bench_world(args):
     # speed: wm.step at batch 1, eager and (where it measures faster) compiled
     frames = [wm.observe(f) for f in eps[0]["frames"][:T]]
 
-    def rate(n=300):
+    def rate(n=args.speed_steps):
         wm.reset(frames)
         for a in range(20):
             wm.step(a % wm.n_actions)

@@ -591,7 +591,8 @@ class VQVAE(nn.Module):
 
 # -----------------------------------------------------------------------------
 # continuous autoencoder (seed 000: 84x84 gray -> 128-D AE; seed 004: 4 stacked 64x64 gray
-# frames -> 64-D VAE): four stride-2 convs, two FC layers each way, transposed-conv decoder.
+# frames -> 64-D VAE): four stride-2 convs, two FC layers each way, transposed-conv decoder,
+# GroupNorm after every conv but the last.
 
 def stack_frames(frames, stack):
     """(N, C, H, W) -> (N - stack + 1, stack * C, H, W): each frame with the stack - 1 before
@@ -612,16 +613,16 @@ class ConvAE(nn.Module):
         self.pad = (0, 16 * w0 - size[1], 0, 16 * h0 - size[0])
         widths = [hidden * 2 ** i for i in range(4)]  # seed 004: 32, 64, 128, 256
         enc, c = [], in_ch * stack
-        for w in widths:
-            enc += [nn.Conv2d(c, w, 4, stride=2, padding=1), nn.ReLU()]
+        for w in widths:  # GroupNorm is not in the seeds: without it the AE sat at the mean frame for 500 steps
+            enc += [nn.Conv2d(c, w, 4, stride=2, padding=1), nn.GroupNorm(_groups(w), w), nn.ReLU()]
             c = w
         self.encoder = nn.Sequential(*enc, nn.Flatten(), nn.Linear(c * h0 * w0, fc), nn.ReLU(),
                                      nn.Linear(fc, latent_dim * (2 if vae else 1)))
         dec = [nn.Linear(latent_dim, fc), nn.ReLU(), nn.Linear(fc, c * h0 * w0), nn.ReLU(), nn.Unflatten(1, (c, h0, w0))]
-        for w in widths[-2::-1] + [in_ch * stack]:
-            dec += [nn.ConvTranspose2d(c, w, 4, stride=2, padding=1), nn.ReLU()]
+        for w in widths[-2::-1]:
+            dec += [nn.ConvTranspose2d(c, w, 4, stride=2, padding=1), nn.GroupNorm(_groups(w), w), nn.ReLU()]
             c = w
-        self.decoder = nn.Sequential(*dec[:-1], nn.Tanh())
+        self.decoder = nn.Sequential(*dec, nn.ConvTranspose2d(c, in_ch * stack, 4, stride=2, padding=1), nn.Tanh())
 
     def forward(self, x):
         """x uint8 -> (reconstruction in [-1, 1], latent (the mean for a VAE), KL term). The

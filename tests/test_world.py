@@ -179,10 +179,11 @@ def test_dead_codes_reseeded_where_the_weight_is():
 
 
 def test_bench_runs(models, tmp_path):
-    r = run_script("bench.py", "world", "--world", models["world"], "--data", models["data"], "--windows", "3", "--no-compile")
+    r = run_script("bench.py", "world", "--world", models["world"], "--data", models["data"], "--windows", "3", "--no-compile",
+                   "--speed-steps", "20")
     assert r.returncode == 0, describe(r)
     assert "| 30 |" in r.stdout and "paddle error @10" in r.stdout and "steps/s eager" in r.stdout
-    r = run_script("bench.py", "collect", "--steps", "100")
+    r = run_script("bench.py", "collect", "--steps", "100", timeout=300)
     assert r.returncode == 0, describe(r)
     assert "raw emulator" in r.stdout and "| tracker |" in r.stdout
 
