@@ -618,6 +618,9 @@ class ConvAE(nn.Module):
             c = w
         self.encoder = nn.Sequential(*enc, nn.Flatten(), nn.Linear(c * h0 * w0, fc), nn.ReLU(),
                                      nn.Linear(fc, latent_dim * (2 if vae else 1)))
+        if vae:  # start with little noise: at std 1 the decoder learned to ignore the latent (KL -> 0, the mean frame)
+            with torch.no_grad():
+                self.encoder[-1].bias[latent_dim:].fill_(-6.0)
         dec = [nn.Linear(latent_dim, fc), nn.ReLU(), nn.Linear(fc, c * h0 * w0), nn.ReLU(), nn.Unflatten(1, (c, h0, w0))]
         for w in widths[-2::-1]:
             dec += [nn.ConvTranspose2d(c, w, 4, stride=2, padding=1), nn.GroupNorm(_groups(w), w), nn.ReLU()]

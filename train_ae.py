@@ -36,7 +36,7 @@ p.add_argument("--frame-space", default="gray84x84", choices=list(common.FRAME_S
 p.add_argument("--stack", type=int, default=1, help="consecutive frames encoded into one latent, as channels (seed 004: 4)")
 p.add_argument("--hidden", type=int, default=32, help="channels of the first conv; each of the 4 stages doubles them")
 p.add_argument("--fc", type=int, default=512, help="width of the FC layer between the convs and the latent")
-p.add_argument("--steps", type=int, default=500, help="optimizer steps")
+p.add_argument("--steps", type=int, default=800, help="optimizer steps")
 p.add_argument("--batch", type=int, default=32, help="frames (or stacks) per batch")
 p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
 p.add_argument("--fg-weight", type=float, default=20.0,
@@ -167,7 +167,7 @@ def main():
                 group["lr"] = lr
             rec, _, kl = fwd(x)
             recon = (w * (rec - common.to_float(x)) ** 2).sum() / w.sum()
-            loss = recon + args.beta * kl
+            loss = recon + args.beta * kl / x[0].numel()  # beta weighs the KL against the summed error (the ELBO)
             common.check_finite(loss, step, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()

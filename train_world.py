@@ -50,7 +50,7 @@ p.add_argument("--dynamics", default=None, choices=["mlp", "gru"],
 p.add_argument("--hidden", type=int, default=256, help="latent dynamics: MLP width, GRU hidden units (seed 004: 256)")
 p.add_argument("--pixel-loss", type=float, default=0.0,
                help="latent dynamics: weight of an MSE on the newest frame, decoded by the frozen decoder")
-p.add_argument("--steps", type=int, default=None, help="optimizer steps (%(default)s: 1000 over tokens, 5000 over latents)")
+p.add_argument("--steps", type=int, default=None, help="optimizer steps (%(default)s: 1000 over tokens, 10000 over latents)")
 p.add_argument("--batch", type=int, default=None, help="windows per batch (%(default)s: 16 over tokens, 64 over latents)")
 p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine decay)")
 p.add_argument("--rollout", type=int, default=3, help="K: steps unrolled on the model's own predictions (seed 003: 5)")
@@ -75,7 +75,7 @@ p.add_argument("--assets", default="assets", help="where the dream GIF goes")
 
 HORIZONS = (1, 5, 10, 30)
 # the flags above whose default is None: (over tokens, over latents). A latent step is cheap
-PATH_DEFAULTS = dict(steps=(1000, 5000), batch=(16, 64), teacher_forcing=(0.1, 0.5), eval_every=(250, 1000))
+PATH_DEFAULTS = dict(steps=(1000, 10000), batch=(16, 64), teacher_forcing=(0.1, 0.5), eval_every=(250, 1000))
 
 
 # -----------------------------------------------------------------------------
