@@ -84,7 +84,9 @@ def bench_world(args):
     T, H = wm.context, max(HORIZONS)
     files = common.episode_files(args.data)
     _, val = common.split_episodes(files, ck["args"].get("val_frac", 0.1), ck["args"].get("seed", 0))
-    eps = [common.load_episode(f, keys=["frames", "actions"]) for f in val]
+    eps = [common.load_episode(f, keys=["frames", "actions", "game"]) for f in val]
+    if eps and str(eps[0]["game"]) != wm.game:
+        raise common.KitError(f"{args.world} is a {wm.game} model, {args.data} holds {eps[0]['game']}")
     pool = [(i, s) for i, ep in enumerate(eps) for s in range(len(ep["actions"]) - T - H + 2)]
     rng = np.random.default_rng(0)
     picks = [pool[j] for j in sorted(rng.choice(len(pool), min(args.windows, len(pool)), replace=False))]

@@ -618,7 +618,7 @@ class ConvAE(nn.Module):
             c = w
         self.encoder = nn.Sequential(*enc, nn.Flatten(), nn.Linear(c * h0 * w0, fc), nn.ReLU(),
                                      nn.Linear(fc, latent_dim * (2 if vae else 1)))
-        if vae:  # start with little noise: at std 1 the decoder learned to ignore the latent (KL -> 0, the mean frame)
+        if vae:  # start at noise std 0.05, not 1: the decoder must learn to use the latent before noise teaches it not to
             with torch.no_grad():
                 self.encoder[-1].bias[latent_dim:].fill_(-6.0)
         dec = [nn.Linear(latent_dim, fc), nn.ReLU(), nn.Linear(fc, c * h0 * w0), nn.ReLU(), nn.Unflatten(1, (c, h0, w0))]
@@ -687,11 +687,15 @@ class TokenDynamics(nn.Module):
         self.copy = nn.Parameter(torch.tensor(3.0))
 
     def forward(self, hist, action):
-        """hist (B, T, h, w) long tokens, oldest first; action (B,) -> logits (B, n_codes, h, w)"""
+        """hist (B, T, h, w) long tokens, oldest first; action (B,) long, or (B, n_actions) float
+        weights (a straight-through one-hot from train_latent_action.py) -> logits (B, n_codes, h, w)"""
         B, T, h, w = hist.shape
         e = self.tok(hist).permute(0, 1, 4, 2, 3) + self.time  # (B, T, emb, h, w)
-        a = self.act(action)
-        x = self.inp(e.reshape(B, -1, h, w)) + self.act_bias[action]
+        if action.is_floating_point():
+            a, bias = action @ self.act.weight, torch.einsum("bn,nchw->bchw", action, self.act_bias)
+        else:
+            a, bias = self.act(action), self.act_bias[action]
+        x = self.inp(e.reshape(B, -1, h, w)) + bias
         for blk in self.blocks:
             x = blk(x, a)
         copy = F.one_hot(hist[:, -1], self.n_codes).permute(0, 3, 1, 2).to(x.dtype)
@@ -862,6 +866,52 @@ class LatentGRU(LatentDynamics):
         return hist[:, -1] + self.out(h) * self.scale, h
 
 
+# -----------------------------------------------------------------------------
+# latent actions (train_latent_action.py; seed 001, Genie): token dynamics conditioned on a
+# latent code learned from video, and a map from the real action to that code.
+
+class ActionMap(nn.Module):
+    """Real action + the last `frames` frames of tokens -> logits over the latent codes. The
+    frames are there because an action's effect depends on the state: LEFT against the wall
+    does what NOOP does, FIRE only serves when no ball is in play. frames=0: the action alone."""
+
+    def __init__(self, n_codes, n_actions, n_latent, frames=4, dim=32, emb=8):
+        super().__init__()
+        self.frames = frames
+        self.act = nn.Embedding(n_actions, dim)
+        if frames:
+            self.tok = nn.Embedding(n_codes, emb)
+            self.conv = nn.Sequential(nn.Conv2d(frames * emb, dim, 3, stride=2, padding=1), nn.GELU(),
+                                      nn.Conv2d(dim, dim, 3, stride=2, padding=1), nn.GELU())
+        self.head = nn.Sequential(nn.Linear(dim * (3 if frames else 1), dim), nn.GELU(), nn.Linear(dim, n_latent))
+
+    def forward(self, hist, action):
+        """hist (B, T, h, w) long, action (B,) long -> (B, n_latent) logits"""
+        x = self.act(action)
+        if self.frames:
+            f = self.conv(self.tok(hist[:, -self.frames:]).permute(0, 1, 4, 2, 3).flatten(1, 2))
+            x = torch.cat([x, f.amax((2, 3)), f.mean((2, 3))], 1)  # max: where something is, not how much
+        return self.head(x)
+
+
+class LatentActionDynamics(nn.Module):
+    """The world of train_latent_action.py: the real action picks a latent code through the
+    map, and token dynamics conditioned on that code predict the next frame's tokens."""
+
+    def __init__(self, n_codes, n_actions, n_latent, grid, context=4, emb=16, dim=64, n_blocks=3,
+                 map_frames=4, map_dim=32):
+        super().__init__()
+        self.n_actions, self.n_latent, self.context = n_actions, n_latent, context
+        self.dynamics = TokenDynamics(n_codes, n_latent, grid, context, emb, dim, n_blocks)
+        self.map = ActionMap(n_codes, n_actions, n_latent, map_frames, map_dim)
+
+    def latent(self, hist, action):
+        return self.map(hist, action).argmax(1)
+
+    def forward(self, hist, action):
+        return self.dynamics(hist, self.latent(hist, action))
+
+
 def make_dynamics(arch, **kw):
     """A dynamics net from a checkpoint's model_args: conv | attn over tokens, mlp | gru over latents."""
     if arch == "conv":
@@ -870,7 +920,9 @@ def make_dynamics(arch, **kw):
         return TokenAttention(**{k: v for k, v in kw.items() if k != "emb"})
     if arch in ("mlp", "gru"):
         return (LatentMLP if arch == "mlp" else LatentGRU)(**kw)
-    raise KitError(f"unknown dynamics architecture '{arch}' (conv, attn, mlp, gru)")
+    if arch == "lam":
+        return LatentActionDynamics(**kw)
+    raise KitError(f"unknown dynamics architecture '{arch}' (conv, attn, mlp, gru, lam)")
 
 
 # -----------------------------------------------------------------------------
@@ -928,10 +980,35 @@ class TokenWorld(World):
 
     @torch.inference_mode()
     def step(self, action):
-        a = self._action(action)
-        nxt = self.dyn(self.hist, a).argmax(1)
+        return self._advance(self.dyn(self.hist, self._action(action)))
+
+    def _advance(self, logits):
+        nxt = logits.argmax(1)
         self.hist = torch.cat([self.hist[:, 1:], nxt[:, None]], 1)
         return self._frame(to_uint8(self.tok.decode(nxt))[0].cpu())
+
+
+class LatentActionWorld(TokenWorld):
+    """A world from train_latent_action.py: step(action) goes through the map from real
+    actions to latent codes; step_latent(code) fires a code directly (play.py --latent)."""
+
+    def __init__(self, tok, dyn, space, game, action_meanings, device="cpu", mapped=True):
+        super().__init__(tok, dyn, space, game, action_meanings, device)
+        self.n_latent, self.mapped = dyn.n_latent, mapped
+
+    def step(self, action):
+        if not self.mapped:
+            raise KitError("this latent-action model has no map from real actions yet (--map-steps 0): "
+                           "fire codes with play.py --latent, or fit one with train_latent_action.py --map-only")
+        return super().step(action)
+
+    @torch.inference_mode()
+    def step_latent(self, code):
+        if self.hist is None:
+            raise KitError("call reset(frames) before step_latent(code)")
+        if not 0 <= int(code) < self.n_latent:
+            raise KitError(f"latent code {code} out of range 0..{self.n_latent - 1}")
+        return self._advance(self.dyn.dynamics(self.hist, torch.tensor([int(code)], device=self.device)))
 
 
 class LatentWorld(World):
@@ -968,6 +1045,9 @@ def load_world(path, device="cpu"):
         dyn.load_state_dict(ck["model"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise KitError(f"{path} does not fit this version of the kit ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if ck["model_args"]["arch"] == "lam":
+        return LatentActionWorld(tok, dyn, ck["frame_space"], ck["game"], ck["action_meanings"], device,
+                                 mapped=ck.get("map_step", 0) > 0)
     return (LatentWorld if latent else TokenWorld)(tok, dyn, ck["frame_space"], ck["game"], ck["action_meanings"], device)
 
 

@@ -12,10 +12,13 @@ Examples:
   python play.py --gif assets/dream.gif --steps 200 --policy tracker      # headless real | dream GIF
   python play.py --gif assets/dream.gif --steps 200 --actions 2,2,3,3,0   # the list repeats
   python play.py --benchmark 300                          # FPS of the play loop, no window
+  python play.py --world checkpoints/breakout/lam.pt --latent             # keys 0-9 fire latent codes
+  python play.py --world checkpoints/breakout/lam.pt --latent --gif codes.gif --actions 1,1,2,2
 
 Keys: arrows and space, mapped through the game's action meanings (the window lists them; no
 key is NOOP). P pauses, R restarts from a fresh env reset, S syncs the dream to the real game,
-Q or Esc quits. Uses only the world-model contract of common.py (load_world: context, observe,
+Q or Esc quits. With --latent (a model from train_latent_action.py) the number keys 0-9 fire
+latent codes directly, with no shadow: see what each code learned. Uses only the world-model contract of common.py (load_world: context, observe,
 reset, step), so it plays every world model the kit trains.
 """
 import argparse
@@ -57,6 +60,8 @@ p.add_argument("--steps", type=int, default=200, help="--gif: frames, one per dr
 p.add_argument("--threads", type=int, default=1,
                help="torch threads; a batch-1 step barely splits, and a 2nd thread stalls when the other core is busy")
 p.add_argument("--device", default=None, help="cuda | mps | cpu; None: the best available")
+p.add_argument("--latent", action="store_true",
+               help="latent-action model: number keys (or --actions) fire latent codes, no key is NOOP through the map; no shadow")
 p.add_argument("--compile", action="store_true",
                help="torch.compile the model: ~10%% faster steps on a CPU after ~35 s of compiling (bench.py)")
 
@@ -79,6 +84,7 @@ class Session:
         self.wm, self.env, self.args, self.policy = wm, env, args, policy
         self.warmup = wm.context - 1 if args.warmup is None else args.warmup
         self.held, self.paused, self.running, self.restarts = set(), False, True, 0
+        self.code = None  # --latent: the latent code whose number key is held
         self.ms = dict(model=0.0, env=0.0, draw=0.0)     # smoothed, for the HUD
         self.total = dict(model=0.0, env=0.0, draw=0.0)  # seconds, for --benchmark
         self.fps, self.err, self.mse = 0.0, 0.0, 0.0
@@ -105,11 +111,16 @@ class Session:
     def act(self):
         if self.policy is not None:
             return self.policy(self.env, self.obs)
+        if self.args.latent:
+            return self.code
         return common.action_for_keys(self.held, self.wm.action_meanings)
 
     def step(self, action):
         t0 = time.perf_counter()
-        self.dream = self.wm.step(action)
+        if self.args.latent:  # action is a latent code; None: the real NOOP through the map (code 0 without one)
+            self.dream = self.wm.step(NOOP) if action is None and self.wm.mapped else self.wm.step_latent(action or 0)
+        else:
+            self.dream = self.wm.step(action)
         t1 = time.perf_counter()
         over = False
         if self.args.shadow:
@@ -144,6 +155,12 @@ class Session:
                 self.restart()
             elif e.type == pg.KEYDOWN and e.key == pg.K_s:
                 self.sync()
+            elif self.args.latent and e.type in (pg.KEYDOWN, pg.KEYUP) and pg.K_0 <= e.key <= pg.K_9:
+                code = e.key - pg.K_0
+                if e.type == pg.KEYDOWN and code < self.wm.n_latent:
+                    self.code = code
+                elif e.type == pg.KEYUP and code == self.code:
+                    self.code = None
             elif e.type in (pg.KEYDOWN, pg.KEYUP) and e.key in keys:
                 (self.held.add if e.type == pg.KEYDOWN else self.held.discard)(keys[e.key])
         if not self.paused:
@@ -218,8 +235,16 @@ def legend(meanings):
     return "  ".join(keys + ["P PAUSE  R RESTART  S SYNC  Q QUIT"])
 
 
+def latent_legend(wm):
+    top = min(wm.n_latent, 10) - 1
+    return f"KEYS 0-{top} FIRE LATENT CODES 0-{top}  NO KEY: {'NOOP' if wm.mapped else 'CODE 0'}  P PAUSE  R RESTART  Q QUIT"
+
+
 def hud(s, scale):
     stats = f"STEP {s.t}  FPS {s.fps:.0f}  MODEL {s.ms['model']:.1f} MS"
+    if s.args.latent:
+        stats += f"  CODE {'-' if s.code is None else s.code}"
+        return [labels(s, scale), [(2, stats + ("  PAUSED" if s.paused else ""))], [(2, latent_legend(s.wm))]]
     if s.args.shadow:
         stats += f"  ERROR {s.err:.1f}  PSNR {psnr(s.mse):.1f} DB"
     return [labels(s, scale), [(2, stats + ("  PAUSED" if s.paused else ""))], [(2, legend(s.wm.action_meanings))]]
@@ -368,7 +393,18 @@ def main():
     wm = common.load_world(args.world, device=common.pick_device(args.device))
     if args.compile:
         wm.compile()
-    bad = [a for a in actions or [] if not 0 <= a < wm.n_actions]
+    if args.latent:
+        if not hasattr(wm, "step_latent"):
+            raise common.KitError(f"--latent needs a latent-action model from train_latent_action.py; {args.world} is not one")
+        if args.policy:
+            raise common.KitError("--latent fires latent codes: use --actions with code numbers, not --policy")
+        args.shadow = False  # the real game cannot take a latent code
+        bad = [a for a in actions or [] if not 0 <= a < wm.n_latent]
+        if bad:
+            raise common.KitError(f"--actions: {bad[0]} is not a latent code of {args.world} (0..{wm.n_latent - 1})")
+        if headless and actions is None:
+            actions = [None]  # no keyboard: NOOP through the map
+    bad = [a for a in actions or [] if not args.latent and not 0 <= a < wm.n_actions]
     if bad:
         names = ", ".join(f"{i} {m}" for i, m in enumerate(wm.action_meanings))
         raise common.KitError(f"--actions: {bad[0]} is not an action of {wm.game} ({names})")
@@ -383,7 +419,7 @@ def main():
         policy = common.make_policy(args.policy or "tracker", env, np.random.default_rng(args.seed))
     else:
         policy = None  # the keyboard
-        print(f"{wm.game} in {args.world}: {legend(wm.action_meanings)}")
+        print(f"{wm.game} in {args.world}: {latent_legend(wm) if args.latent else legend(wm.action_meanings)}")
     try:
         (dream_gif if args.gif else window)(wm, env, args, policy)
     finally:

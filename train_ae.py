@@ -30,7 +30,7 @@ p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=
 p.add_argument("--data", default="data/pong", help="folder of episodes from collect.py")
 p.add_argument("--out", default=None, help="checkpoint path (default: checkpoints/<data name>/<kind>.pt)")
 p.add_argument("--kind", default="ae", choices=["ae", "vae"], help="plain autoencoder (seed 000) or VAE (seed 004)")
-p.add_argument("--beta", type=float, default=1e-4, help="vae: weight of the KL term (seed 004)")
+p.add_argument("--beta", type=float, default=1e-4, help="vae: weight of the KL term against the error summed over pixels (seed 004)")
 p.add_argument("--latent-dim", type=int, default=128, help="size of the latent vector (seed 000: 128, seed 004: 64)")
 p.add_argument("--frame-space", default="gray84x84", choices=list(common.FRAME_SPACES), help="preprocessing of raw frames")
 p.add_argument("--stack", type=int, default=1, help="consecutive frames encoded into one latent, as channels (seed 004: 4)")
@@ -167,7 +167,9 @@ def main():
                 group["lr"] = lr
             rec, _, kl = fwd(x)
             recon = (w * (rec - common.to_float(x)) ** 2).sum() / w.sum()
-            loss = recon + args.beta * kl / x[0].numel()  # beta weighs the KL against the summed error (the ELBO)
+            # beta weighs the KL against the error summed over pixels, as in the ELBO; against the mean
+            # it is 16384x stronger at 4x64x64, and the VAE collapsed to the mean frame (KL 0)
+            loss = recon + args.beta * kl / x[0].numel()
             common.check_finite(loss, step, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
