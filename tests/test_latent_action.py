@@ -147,8 +147,11 @@ def test_bad_inputs(lam, tmp_path):
     assert r.returncode != 0 and "shorter than" in r.stderr and "Traceback" not in r.stderr, describe(r)
     # a map for another game's action set
     breakout = tmp_path / "breakout"
-    r = run_script("collect.py", "--game", "Breakout", "--steps", "20", "--policy", "random", "--out", breakout)
+    r = run_script("collect.py", "--game", "Breakout", "--steps", "60", "--max-episode-steps", "6", "--policy", "random",
+                   "--out", breakout)
     assert r.returncode == 0, describe(r)
+    r = run_script("bench.py", "world", "--world", lam["out"], "--data", breakout, "--no-compile")
+    assert r.returncode != 0 and "holds ALE/Breakout-v5" in r.stderr and "Traceback" not in r.stderr, describe(r)
     r = run_script("train_latent_action.py", "--data", lam["data"], "--out", lam["out"], "--map-only",
                    "--map-data", breakout)
     assert r.returncode != 0 and "has actions" in r.stderr and "Traceback" not in r.stderr, describe(r)

@@ -127,6 +127,38 @@ def test_keys_drive_the_dream(session, pg):
     assert s.t == 7 and len(wm.actions) == 7
 
 
+class StubLatentWorld(StubWorld):
+    """A latent-action world: step_latent(code) paints 40 * (code + 1) and is recorded too."""
+    n_latent, mapped = 4, True
+
+    def __init__(self):
+        super().__init__()
+        self.codes = []
+
+    def step_latent(self, code):
+        self.codes.append(code)
+        return np.full((42, 32, 3), 40 * (code + 1), np.uint8)
+
+
+def test_number_keys_fire_latent_codes(pg):
+    wm, env = StubLatentWorld(), common.make_env("Pong", seed=0)
+    args = play.p.parse_args(["--latent"])
+    args.shadow = False  # main() does this for --latent: a real game cannot take a code
+    s = play.Session(wm, env, args)
+    frame(s)
+    assert wm.actions == [0] and wm.codes == []  # no key: the real NOOP through the map
+    frame(s, (pg.KEYDOWN, pg.K_2))
+    assert wm.codes == [2] and (play.canvas(s) == 120).all()
+    frame(s)
+    assert wm.codes == [2, 2]  # held until KEYUP
+    frame(s, (pg.KEYDOWN, pg.K_UP))
+    assert wm.codes[-1] == 2 and wm.actions == [0]  # arrows are not codes in --latent
+    frame(s, (pg.KEYUP, pg.K_2), (pg.KEYDOWN, pg.K_9))
+    assert len(wm.actions) == 2 and wm.codes == [2, 2, 2]  # 9 is no code of a 4-code model: NOOP
+    assert "KEYS 0-3" in play.latent_legend(wm)
+    env.close()
+
+
 def test_shadow_gets_the_same_actions(session, pg):
     s, wm = session
     sent, real_step = [], s.env.step
