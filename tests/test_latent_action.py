@@ -164,3 +164,31 @@ def test_bad_inputs(lam, tmp_path):
     assert r.returncode == 0, describe(r)
     r = run_script("play.py", "--world", world, "--latent", "--gif", tmp_path / "x.gif", "--steps", "2")
     assert r.returncode != 0 and "latent-action model" in r.stderr, describe(r)
+
+
+def test_ctrl_c_keeps_a_resumable_checkpoint(lam, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    out = tmp_path / "lam.pt"
+    cmd = [sys.executable, str(ROOT / "train_latent_action.py"), "--data", str(lam["data"]), "--tokenizer",
+           str(lam["vq"]), "--out", str(out), "--assets", str(tmp_path), "--steps", "100000", "--eval-every", "2",
+           "--batch", "2", "--eval-windows", "8"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 90
+    while not out.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr and "continue with --resume" in stderr, stderr[-2000:]
+    ck = common.load_checkpoint(out, ("world",))
+    step = ck["step"]
+    assert step >= 2 and ck["map_step"] == 0
+    r = run_script("train_latent_action.py", "--data", lam["data"], "--out", out, "--assets", tmp_path, "--resume",
+                   "--steps", step + 2, "--eval-every", "2", "--batch", "2", "--eval-windows", "8", "--map-steps", "5")
+    assert r.returncode == 0 and f"resumed {out} at step {step}" in r.stdout, describe(r)
+    ck = common.load_checkpoint(out, ("world",))
+    assert ck["step"] == step + 2 and ck["map_step"] == 5
