@@ -230,7 +230,7 @@ def main():
         n_latent = prev["model_args"]["n_latent"]
     if n_latent < 2:
         raise common.KitError(f"--n-codes {n_latent}: a codebook needs at least 2 codes (one code carries no action)")
-    T, K = args.context, args.rollout
+    T, K = (prev["model_args"]["context"] if prev is not None else args.context), args.rollout
 
     # -------------------------------------------------------------------------
     # data: stage one reads token grids only; actions are loaded for the map and the eval
@@ -257,7 +257,8 @@ def main():
     if not pool or not vpool:
         raise common.KitError(f"episodes are shorter than context + rollout ({T + K} frames): record longer ones")
     g = np.random.default_rng(args.seed)
-    fixed = [vpool[i] for i in sorted(np.random.default_rng(1234).choice(len(vpool), min(args.eval_windows, len(vpool)), replace=False))]
+    pick = np.random.default_rng(1234).choice(len(vpool), min(args.eval_windows, len(vpool)), replace=False)
+    fixed = [vpool[i] for i in sorted(pick)]  # frozen validation transitions (seed 003's gold eval)
     grid = tuple(train[0]["codes"].shape[1:])
     print(f"data: {sum(len(e['codes']) - 1 for e in train)} transitions of {args.data} (frames only), "
           f"{len(map_train)} labelled episodes for the map, {len(val)} validation episodes; token grid {grid}")
