@@ -231,6 +231,8 @@ def main():
     if n_latent < 2:
         raise common.KitError(f"--n-codes {n_latent}: a codebook needs at least 2 codes (one code carries no action)")
     T, K = (prev["model_args"]["context"] if prev is not None else args.context), args.rollout
+    if not 0 <= args.map_frames <= T:
+        raise common.KitError(f"--map-frames {args.map_frames}: the map sees 0 to {T} (the context) frames")
 
     # -------------------------------------------------------------------------
     # data: stage one reads token grids only; actions are loaded for the map and the eval

@@ -131,6 +131,7 @@ def test_play_latent_gif(lam, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("--n-codes", "1"), "at least 2 codes"),
     (("--n-codes", "0"), "at least 2 codes"),
+    (("--map-frames", "5"), "the map sees 0 to 4"),
 ])
 def test_bad_codebook(lam, tmp_path, args, message):
     r = run_script("train_latent_action.py", "--data", lam["data"], "--tokenizer", lam["vq"],
