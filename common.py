@@ -757,6 +757,11 @@ def code_cache(data_dir, tok_path, encode, space, game, skip_bad=False, what="to
     return cached
 
 
+def windows(eps, length):
+    """All (episode index, start) of a list of episodes {"codes": (N+1, ...)} with `length` codes."""
+    return [(i, s) for i, ep in enumerate(eps) for s in range(len(ep["codes"]) - length + 1)]
+
+
 def token_cache(data_dir, tok_path, tok, space, device, game, skip_bad=False, batch=256):
     """Tokens of every episode: {file name: (N+1, h, w) int64}, cached in data_dir/tokens.npz."""
     tok = tok.to(device).eval()

@@ -404,7 +404,7 @@ def main():
             raise common.KitError(f"--actions: {bad[0]} is not a latent code of {args.world} (0..{wm.n_latent - 1})")
         if headless and actions is None:
             actions = [None]  # no keyboard: NOOP through the map
-    bad = [a for a in actions or [] if not args.latent and not 0 <= a < wm.n_actions]
+    bad = [] if args.latent else [a for a in actions or [] if not 0 <= a < wm.n_actions]
     if bad:
         names = ", ".join(f"{i} {m}" for i, m in enumerate(wm.action_meanings))
         raise common.KitError(f"--actions: {bad[0]} is not an action of {wm.game} ({names})")

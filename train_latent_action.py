@@ -102,11 +102,7 @@ class ActionEncoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# data: token windows, as in train_world.py
-
-def windows(eps, length):
-    return [(i, s) for i, ep in enumerate(eps) for s in range(len(ep["codes"]) - length + 1)]
-
+# data: token windows (common.windows), as in train_world.py
 
 def gather(eps, idx, length, device, actions=False):
     """tokens (B, length, h, w) of windows idx, and the action taken at the last history frame."""
@@ -127,10 +123,10 @@ def label(enc, eps, pool, T, device, bs=512):
 
 
 @torch.no_grad()
-def scores(lam, enc, val, fixed, T, device):
+def scores(lam, enc, val, fixed, T, device, mapped):
     """One-step token accuracy on changed tokens when the forward model gets the encoder's
     code (posterior), the codes shuffled across transitions, the map's code (mapped), or the
-    map's code with the action shuffled. posterior - shuffled is what the codes carry;
+    map's code with the action shuffled (the last two once the map is trained). posterior - shuffled is what the codes carry;
     posterior - mapped is what they carry that the real action does not (the leak)."""
     lam.eval(), enc.eval()
     tok, act = gather(val, fixed, T + 1, device, actions=True)
@@ -147,10 +143,10 @@ def scores(lam, enc, val, fixed, T, device):
     used = torch.bincount(post, minlength=enc.n_latent).float() / len(post)
     m = {"acc_changed_posterior": acc(post), "acc_changed_shuffled": acc(post[perm]),
          "perplexity": torch.exp(-(used * used.clamp_min(1e-12).log()).sum()).item()}
-    if lam.map_trained:
-        mapped = lam.latent(hist, act)
-        m.update(acc_changed_mapped=acc(mapped), acc_changed_action_shuffled=acc(lam.latent(hist, act[perm])),
-                 map_accuracy=(mapped == post).float().mean().item())
+    if mapped:
+        via_map = lam.latent(hist, act)
+        m.update(acc_changed_mapped=acc(via_map), acc_changed_action_shuffled=acc(lam.latent(hist, act[perm])),
+                 map_accuracy=(via_map == post).float().mean().item())
     lam.train(), enc.train()
     return m
 
@@ -171,7 +167,7 @@ def code_names(table, meanings):
 def code_png(lam, tok, val, T, device, names, path, tries=256):
     """Row 1: the start frame, then the next frame under each code; row 2: what changed (x3).
     The start is the validation window where the codes' predictions differ the most."""
-    pool = windows(val, T)
+    pool = common.windows(val, T)
     g = np.random.default_rng(0)
     pick = [pool[i] for i in g.choice(len(pool), min(tries, len(pool)), replace=False)]
     hist = gather(val, pick, T, device)
@@ -236,8 +232,12 @@ def main():
 
     # -------------------------------------------------------------------------
     # data: stage one reads token grids only; actions are loaded for the map and the eval
+    caches = {}  # --map-data is usually --data: read its token cache once
+
     def load(folder, actions):
-        codes = common.token_cache(folder, tok_path, tok, space, device, game, args.skip_bad)
+        if folder not in caches:
+            caches[folder] = common.token_cache(folder, tok_path, tok, space, device, game, args.skip_bad)
+        codes = caches[folder]
         files = [f for f in common.episode_files(folder) if os.path.basename(f) in codes]
         tr, va = common.split_episodes(files, args.val_frac, args.seed)
         if not va:
@@ -254,8 +254,8 @@ def main():
         if have != list(meanings) or (prev is not None and have != list(prev["action_meanings"])):
             raise common.KitError(f"{map_data} has actions {have}, the model's game has {list(meanings)}")
     map_train, val = load(map_data, actions=True)
-    pool = windows(train, T + K)
-    vpool = windows(val, T + 1)
+    pool = common.windows(train, T + K)
+    vpool = common.windows(val, T + 1)
     if not pool or not vpool:
         raise common.KitError(f"episodes are shorter than context + rollout ({T + K} frames): record longer ones")
     g = np.random.default_rng(args.seed)
@@ -286,7 +286,6 @@ def main():
         if args.resume and not args.map_only:
             opt.load_state_dict(prev["optimizer"])
             print(f"resumed {out} at step {step}")
-    lam.map_trained = False
     n_dyn, n_enc = sum(p.numel() for p in lam.dynamics.parameters()), sum(p.numel() for p in enc.parameters())
     print(f"model: {n_latent} latent codes; encoder {n_enc / 1e6:.2f}M, forward model {n_dyn / 1e6:.2f}M parameters on {device}")
 
@@ -337,7 +336,7 @@ def main():
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", tf=f"{tf:.2f}")
             if step % args.eval_every == 0 or step == args.steps:
-                metrics = scores(lam, enc, val, fixed, T, device)
+                metrics = scores(lam, enc, val, fixed, T, device, mapped=False)
                 tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
                 save()
     except KeyboardInterrupt:
@@ -352,7 +351,7 @@ def main():
     # stage two: the map from the real action (+ recent frames) to the encoder's code, fit on
     # labelled episodes; the encoder is frozen and only labels transitions here
     enc.eval()
-    mpool, mval = windows(map_train, T + 1), windows(val, T + 1)
+    mpool, mval = common.windows(map_train, T + 1), common.windows(val, T + 1)
     y, yv = label(enc, map_train, mpool, T, device), label(enc, val, mval, T, device)
     act = torch.tensor([int(map_train[i]["actions"][s + T - 1]) for i, s in mpool], dtype=torch.long)
     actv = torch.tensor([int(val[i]["actions"][s + T - 1]) for i, s in mval], dtype=torch.long)
@@ -370,8 +369,7 @@ def main():
             mopt.zero_grad(set_to_none=True)
             loss.backward()
             mopt.step()
-        lam.map_trained = True
-    metrics = scores(lam, enc, val, fixed, T, device)
+    metrics = scores(lam, enc, val, fixed, T, device, mapped=map_step > 0)
     metrics["table_accuracy"] = table_acc
     table = table.tolist()
     save()

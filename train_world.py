@@ -84,11 +84,6 @@ PATH_DEFAULTS = dict(steps=(1000, 10000), batch=(16, 64), teacher_forcing=(0.1, 
 # frames and actions start at frame stack - 1, so that code j, frames[j] and actions[j]
 # line up as they do for tokens, and the windows are the same frames as the token path's.
 
-def windows(eps, length):
-    """All (episode, start) with `length` codes available."""
-    return [(i, s) for i, ep in enumerate(eps) for s in range(len(ep["codes"]) - length + 1)]
-
-
 def batch(eps, idx, T, K, device):
     """history (B, T, ...), actions (B, K), targets (B, K, ...) for windows idx."""
     tok = torch.stack([eps[i]["codes"][s:s + T + K] for i, s in idx]).to(device)
@@ -294,11 +289,11 @@ def main():
 
     train = [episode(f, False) for f in train_f]
     val = [episode(f, True) for f in val_f]
-    pool = windows(train, T + K)
+    pool = common.windows(train, T + K)
     if not pool:
         raise common.KitError(f"episodes in {args.data} are shorter than context + rollout ({T + S - 1 + K} frames)")
     rng = np.random.default_rng(1234)  # frozen eval indices (seed 003's gold eval)
-    vpool = windows(val, T + max(HORIZONS))
+    vpool = common.windows(val, T + max(HORIZONS))
     if not vpool:
         raise common.KitError(f"validation episodes are shorter than {T + S - 1 + max(HORIZONS)} frames")
     fixed = [vpool[i] for i in sorted(rng.choice(len(vpool), min(args.eval_windows, len(vpool)), replace=False))]

@@ -31,6 +31,18 @@ def describe(proc):
     return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-2000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
 
 
+def first_frames(wm, n=None):
+    """The first n (default: wm.context) frames of a seeded Pong reset under NOOP, in wm's space."""
+    import common
+    env = common.make_env("Pong", seed=0)
+    obs, _ = env.reset(seed=0)
+    frames = [wm.observe(obs)]
+    for _ in range((n or wm.context) - 1):
+        frames.append(wm.observe(env.step(0)[0]))
+    env.close()
+    return frames
+
+
 @pytest.fixture(name="run_script")
 def run_script_fixture():
     return run_script

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import common
-from conftest import describe, run_script
+from conftest import describe, first_frames, run_script
 
 AE = ("--steps", "3", "--eval-every", "3", "--batch", "4", "--hidden", "8", "--fc", "32")
 WORLD = ("--steps", "3", "--eval-every", "3", "--eval-windows", "4", "--gif-steps", "5", "--batch", "4", "--hidden", "32")
@@ -40,16 +40,6 @@ def latent(pong_data, tmp_path_factory):
             assert "paddle_px@10" in r.stdout
             paths[kind], paths[f"world_{kind}"] = ae, world
     return paths
-
-
-def first_frames(wm, n):
-    env = common.make_env("Pong", seed=0)
-    obs, _ = env.reset(seed=0)
-    frames = [wm.observe(obs)]
-    for _ in range(n - 1):
-        obs, *_ = env.step(0)
-        frames.append(wm.observe(obs))
-    return frames
 
 
 def one_line_error(r, *words):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import common
-from conftest import describe, run_script
+from conftest import describe, first_frames, run_script
 
 VQ = ("--steps", "6", "--eval-every", "6", "--batch", "8")
 LAM = ("--steps", "6", "--eval-every", "3", "--batch", "4", "--map-steps", "20", "--eval-windows", "32")
@@ -27,15 +27,6 @@ def lam(pong_data, tmp_path_factory):
     return dict(tmp=tmp, data=data, vq=vq, out=out, stdout=r.stdout)
 
 
-def start_frames(wm):
-    env = common.make_env("Pong", seed=0)
-    obs, _ = env.reset(seed=0)
-    frames = [wm.observe(obs)]
-    for _ in range(wm.context - 1):
-        frames.append(wm.observe(env.step(0)[0]))
-    return frames
-
-
 def test_outputs_and_report(lam):
     assert (lam["tmp"] / "pong_latent_actions.png").stat().st_size > 0
     out = lam["stdout"]
@@ -51,7 +42,7 @@ def test_outputs_and_report(lam):
 def test_world_contract(lam):
     wm = common.load_world(lam["out"])
     assert isinstance(wm, common.LatentActionWorld) and wm.context == 4 and wm.n_actions == 6 and wm.n_latent == 6
-    wm.reset(start_frames(wm))
+    wm.reset(first_frames(wm))
     frames = [wm.step(a) for a in range(6)] + [wm.step_latent(c) for c in range(6)]
     assert all(f.shape == (84, 64, 3) and f.dtype == np.uint8 for f in frames)
     with pytest.raises(common.KitError):
@@ -63,7 +54,7 @@ def test_world_contract(lam):
 def test_map_is_the_only_user_of_actions(lam):
     # the map's code drives the forward model exactly as firing that code does
     wm = common.load_world(lam["out"])
-    frames = start_frames(wm)
+    frames = first_frames(wm)
     wm.reset(frames)
     with torch.inference_mode():
         code = int(wm.dyn.latent(wm.hist, torch.tensor([2])))
@@ -104,7 +95,7 @@ def test_without_map_steps_only_codes_play(lam, tmp_path):
                    "--assets", tmp_path, *LAM[:-4], "--map-steps", "0", "--eval-windows", "8")
     assert r.returncode == 0, describe(r)
     wm = common.load_world(out)
-    wm.reset(start_frames(wm))
+    wm.reset(first_frames(wm))
     assert wm.step_latent(1).shape == (84, 64, 3)
     with pytest.raises(common.KitError, match="no map"):
         wm.step(0)
@@ -114,7 +105,7 @@ def test_without_map_steps_only_codes_play(lam, tmp_path):
     assert r.returncode == 0, describe(r)
     assert common.load_checkpoint(out, ("world",))["map_step"] == 10
     wm = common.load_world(out)
-    wm.reset(start_frames(wm))
+    wm.reset(first_frames(wm))
     assert wm.step(0).shape == (84, 64, 3)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, describe, run_script
+from conftest import ROOT, describe, first_frames, run_script
 
 VQ = ("--steps", "6", "--eval-every", "6", "--batch", "8")
 WORLD = ("--steps", "4", "--eval-every", "4", "--eval-windows", "4", "--gif-steps", "5", "--batch", "4")
@@ -32,16 +32,6 @@ def models(pong_data, tmp_path_factory):
     assert r.returncode == 0, describe(r)
     assert "acc_changed" in r.stdout and "psnr@30" in r.stdout and "paddle_px@10" in r.stdout
     return dict(tmp=tmp, data=data, vq=vq, world=world)
-
-
-def first_frames(wm, n):
-    env = common.make_env("Pong", seed=0)
-    obs, _ = env.reset(seed=0)
-    frames = [wm.observe(obs)]
-    for _ in range(n - 1):
-        obs, *_ = env.step(0)
-        frames.append(wm.observe(obs))
-    return frames
 
 
 def test_pipeline_outputs(models):
