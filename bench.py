@@ -24,26 +24,24 @@ import torch
 
 import common
 
-p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p = common.flags(__doc__)
 p.add_argument("what", nargs="?", default="all", choices=["collect", "world", "all"], help="which benchmark")
 p.add_argument("--game", default="Pong", help="collect: game")
-p.add_argument("--steps", type=int, default=10000, help="collect: transitions per policy")
+p.add_argument("--steps", type=common.positive_int, default=10000, help="collect: transitions per policy")
 p.add_argument("--world", default="checkpoints/pong/world.pt", help="world: checkpoint")
 p.add_argument("--data", default="data/pong", help="world: dataset (its validation episodes are used)")
-p.add_argument("--windows", type=int, default=64, help="world: open-loop windows of 30 steps")
+p.add_argument("--windows", type=common.positive_int, default=64, help="world: open-loop windows of 30 steps")
 p.add_argument("--device", default="cpu", help="world: device for the speed test")
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="world: also time torch.compile")
-p.add_argument("--threads", type=int, default=1, help="world: torch threads (play.py's default: a batch-1 step barely splits)")
-p.add_argument("--speed-steps", type=int, default=300, help="world: wm.step calls timed for the speed test")
-HORIZONS = (1, 5, 10, 30)
+p.add_argument("--threads", type=common.positive_int, default=1,
+               help="world: torch threads (play.py's default: a batch-1 step barely splits)")
+p.add_argument("--speed-steps", type=common.positive_int, default=300, help="world: wm.step calls timed for the speed test")
 
 
 # -----------------------------------------------------------------------------
 
 def bench_collect(args):
-    import gymnasium as gym
-    import ale_py
-    gym.register_envs(ale_py)
+    import gymnasium as gym  # common has registered the ALE games
     env = gym.make(common.resolve_game(args.game), repeat_action_probability=0.0)
     env.reset(seed=0)
     env.action_space.seed(0)
@@ -63,7 +61,7 @@ def bench_collect(args):
             env.reset()
     kit = args.steps / (time.perf_counter() - t)
     print(f"kit env (common.make_env: max-pooled frames, no recording): {kit:.0f} steps/s, {kit / raw:.0%} of raw")
-    print(f"| policy | steps/s (recorded to disk) | share of raw |\n|---|---|---|")
+    print("| policy | steps/s (recorded to disk) | share of raw |\n|---|---|---|")
     for policy in ("random", "sticky", "tracker", "mix"):
         out = tempfile.mkdtemp()
         try:
@@ -81,54 +79,32 @@ def bench_world(args):
     torch.set_num_threads(args.threads)
     wm = common.load_world(args.world, device=args.device)
     ck = common.load_checkpoint(args.world, ("world",))
-    T, H = wm.context, max(HORIZONS)
+    T, H = wm.context, max(common.HORIZONS)
     files = common.episode_files(args.data)
     _, val = common.split_episodes(files, ck["args"].get("val_frac", 0.1), ck["args"].get("seed", 0))
     eps = [common.load_episode(f, keys=["frames", "actions", "game"]) for f in val]
     if eps and str(eps[0]["game"]) != wm.game:
         raise common.KitError(f"{args.world} is a {wm.game} model, {args.data} holds {eps[0]['game']}")
-    pool = [(i, s) for i, ep in enumerate(eps) for s in range(len(ep["actions"]) - T - H + 2)]
+    pool = common.windows([len(ep["frames"]) for ep in eps], T + H)
     rng = np.random.default_rng(0)
     picks = [pool[j] for j in sorted(rng.choice(len(pool), min(args.windows, len(pool)), replace=False))]
-    pong = wm.game == "ALE/Pong-v5"
-    psnr = {h: [] for h in HORIZONS}
-    copy = {h: [] for h in HORIZONS}
-    pad_err = {10: [], 30: []}
-    ball_hit, ball_n = [], 0
-    mse = lambda a, b: np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2)
-    db = lambda m: 10 * np.log10(255 ** 2 / max(m, 1e-3))
-    for i, s in picks:
-        ep = eps[i]
-        frames = [wm.observe(f) for f in ep["frames"][s:s + T + H]]
-        wm.reset(frames[:T])
-        for k in range(1, H + 1):
-            dream, real = wm.step(int(ep["actions"][s + T - 2 + k])), frames[T - 1 + k]
-            if k in HORIZONS:
-                psnr[k].append(db(mse(dream, real)))
-                copy[k].append(db(mse(frames[T - 1], real)))
-            if pong and k in (10, 30):
-                rp, rb, rc = common.pong_objects(real, wm.space)
-                dp, db_, dc = common.pong_objects(dream, wm.space)
-                if rp is not None:
-                    pad_err[k].append(abs(dp - rp) if dp is not None else 210.0)
-                if k == 10 and rb is not None:
-                    ball_hit.append(db_ is not None and np.hypot(db_ - rb, dc - rc) <= 8)
+    frames = torch.stack([common.preprocess(eps[i]["frames"][s:s + T + H], wm.space) for i, s in picks])
+    actions = torch.stack([torch.as_tensor(eps[i]["actions"][s + T - 1:s + T - 1 + H]) for i, s in picks])
+    m = common.open_loop(wm, frames, actions)
     print(f"world {args.world} ({ck['step']} steps), {len(picks)} validation windows from {len(val)} episodes of {args.data}")
     print("| horizon | dream PSNR (dB) | copy-last PSNR (dB) |\n|---|---|---|")
-    for h in HORIZONS:
-        print(f"| {h} | {np.mean(psnr[h]):.2f} | {np.mean(copy[h]):.2f} |")
-    if pong:
+    for h in common.HORIZONS:
+        print(f"| {h} | {m[f'psnr@{h}']:.2f} | {m[f'copy_psnr@{h}']:.2f} |")
+    if wm.game == "ALE/Pong-v5":
         for k in (10, 30):
-            e = np.array(pad_err[k])
-            print(f"paddle error @{k}: mean {e.mean():.2f} px, median {np.median(e):.2f} px, "
-                  f"within 2 px {np.mean(e <= 2):.0%} (n={len(e)})")
-        print(f"ball within 8 px @10: {np.mean(ball_hit):.0%} of {len(ball_hit)} frames with a visible ball")
+            print(f"paddle error @{k}: mean {m[f'paddle_px@{k}']:.2f} px, median {m[f'paddle_median@{k}']:.2f} px, "
+                  f"within 2 px {m[f'paddle_2px@{k}']:.0%}; ball within 8 px @{k}: {m[f'ball_8px@{k}']:.0%}")
 
     # speed: wm.step at batch 1, eager and (where it measures faster) compiled
-    frames = [wm.observe(f) for f in eps[0]["frames"][:T]]
+    start = [wm.observe(f) for f in eps[0]["frames"][:T]]
 
     def rate(n=args.speed_steps):
-        wm.reset(frames)
+        wm.reset(start)
         for a in range(20):
             wm.step(a % wm.n_actions)
         t = time.perf_counter()
@@ -143,7 +119,7 @@ def bench_world(args):
     try:
         wm.compile()
         t = time.perf_counter()
-        wm.reset(frames)
+        wm.reset(start)
         wm.step(0)
         compiled = rate()
         print(f"  torch.compile: {compiled:.0f} steps/s (compile took {time.perf_counter() - t:.0f} s)")

@@ -12,7 +12,6 @@ Examples:
 Ctrl-C keeps every finished episode and saves the one in progress (marked truncated).
 Running again into the same folder adds episodes; it never overwrites.
 """
-import argparse
 import concurrent.futures
 import math
 import os
@@ -29,19 +28,19 @@ import common
 # -----------------------------------------------------------------------------
 # flags
 
-p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p = common.flags(__doc__)
 p.add_argument("--game", default="Pong", help="ALE game: short name (Pong, Breakout, ...) or full id (ALE/Pong-v5)")
-p.add_argument("--steps", type=int, default=20000, help="transitions to record in total")
+p.add_argument("--steps", type=common.positive_int, default=20000, help="transitions to record in total")
 p.add_argument("--policy", default="mix", choices=["random", "sticky", "tracker", "human", "mix"],
                help="who plays: uniform random, held random actions, RAM ball-tracker, you, or a mix")
 p.add_argument("--mix", default="0.5,0.3,0.2", help="mix policy weights: tracker,sticky,random")
 p.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical episodes")
 p.add_argument("--out", default=None, help="output folder (default: data/<game>)")
-p.add_argument("--max-episode-steps", type=int, default=1000,
+p.add_argument("--max-episode-steps", type=common.positive_int, default=1000,
                help="truncate longer episodes; short episodes give more varied starts and a real validation split")
-p.add_argument("--sticky", type=float, default=0.0, help="sticky-action probability (0.25 in Machado et al. 2018)")
-p.add_argument("--fps", type=int, default=15, help="human policy: frames per second")
-p.add_argument("--scale", type=int, default=3, help="human policy: window scale")
+p.add_argument("--sticky", type=common.probability, default=0.0, help="sticky-action probability (0.25 in Machado et al. 2018)")
+p.add_argument("--fps", type=common.positive_int, default=15, help="human policy: frames per second")
+p.add_argument("--scale", type=common.positive_int, default=3, help="human policy: window scale")
 
 
 # -----------------------------------------------------------------------------
@@ -86,8 +85,6 @@ class HumanPolicy:
 
 def main():
     args = p.parse_args()
-    if args.steps <= 0 or args.max_episode_steps <= 0:
-        raise common.KitError("--steps and --max-episode-steps must be positive")
     try:
         mix = tuple(float(w) for w in args.mix.split(","))
         assert len(mix) == 3 and all(math.isfinite(w) and w >= 0 for w in mix)

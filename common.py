@@ -1,12 +1,25 @@
-"""The one shared module: errors, device, env factory, policies, frame preprocessing,
-episode and checkpoint I/O, the models, and the world-model contract (`load_world`).
+"""common.py -- the one shared module: what two or more scripts use, in pipeline order.
 
-Everything here is used by two or more scripts. Read it top to bottom once; the scripts
-are thin on purpose.
+  1. running a script   KitError, run, flags() and its type checks, pick_device, seed_everything,
+                        check_finite, resume
+  2. the game           make_env (every script and evaluation plays through it), the keyboard,
+                        check_display, the policies (random, sticky, tracker, mix)
+  3. frames             FRAME_SPACES, preprocess, to_image, to_float / to_uint8, stack_frames
+  4. files              episodes, the train/validation split, load_dataset, checkpoints, the
+                        token and latent caches, windows
+  5. tokenizers         VQVAE (discrete, seed 003), ConvAE (continuous, seeds 000 and 004)
+  6. dynamics           TokenDynamics (conv), TokenAttention, LatentMLP, LatentGRU,
+                        LatentActionDynamics, make_dynamics
+  7. the world contract load_world -> context, observe, reset, step; the batched core under it
+  8. scoring            psnr, the Pong objects and their scores, open_loop, dream_gif
+
+Read it top to bottom once; the scripts are thin on purpose.
 """
+import argparse
 import difflib
 import glob
 import hashlib
+import math
 import os
 import random
 import sys
@@ -16,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import ale_py
 import gymnasium as gym
+import imageio.v2 as imageio
 import numpy as np
 import torch
 import torch.nn as nn
@@ -23,9 +37,8 @@ import torch.nn.functional as F
 
 gym.register_envs(ale_py)  # ale-py ships the ROMs; this makes ALE/<Game>-v5 known to gym.make
 
-
-# -----------------------------------------------------------------------------
-# errors: one clear line and a non-zero exit, never a traceback, for bad input
+# =============================================================================
+# 1. running a script: errors, flags, device, seeding, the training loop's guards
 
 class KitError(Exception):
     """A user-facing error: printed as one line by `run`, exit code 2."""
@@ -48,8 +61,52 @@ def run(main):
     sys.exit(2)
 
 
-# -----------------------------------------------------------------------------
-# device and seeding
+def flags(doc):
+    """A script's argparse parser: the docstring's first line as its description, defaults in
+    --help, and a bad flag as one `error:` line and exit 2, like any other bad input."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda message: p.exit(2, f"error: {message} (see {p.prog} --help)\n")
+    return p
+
+
+def renamed(p, old, new, **kw):
+    """Keep an old flag name working for one release: hidden from --help, a warning when used,
+    and the value stored under the new flag's name."""
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"warning: {old} is now {new}; the old name goes away in the next release", file=sys.stderr)
+            setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+    p.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=Renamed, help=argparse.SUPPRESS, **kw)
+
+
+def _number(text, kind, ok, what):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'")
+    return value
+
+
+def positive_int(text):
+    return _number(text, int, lambda v: v > 0, "positive (an integer)")
+
+
+def nonneg_int(text):
+    return _number(text, int, lambda v: v >= 0, "0 or more (an integer)")
+
+
+def positive_float(text):
+    return _number(text, float, lambda v: v > 0, "positive (a finite number)")
+
+
+def nonneg_float(text):
+    return _number(text, float, lambda v: v >= 0, "0 or more (a finite number)")
+
+
+def probability(text):
+    return _number(text, float, lambda v: 0 <= v <= 1, "between 0 and 1")
 
 def pick_device(name=None):
     """cuda, then mps, then cpu; `name` (the --device flag) overrides."""
@@ -72,8 +129,29 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-# -----------------------------------------------------------------------------
-# environment: every script and every evaluation gets its env from make_env
+def check_finite(loss, step, out):
+    """Stop on a NaN/inf loss, saying at which step; the last good checkpoint stays as it is."""
+    if not torch.isfinite(loss):
+        kept = f"last good checkpoint kept at {out}" if os.path.exists(out) else "no checkpoint was written yet"
+        raise KitError(f"loss became {loss.item()} at step {step}; {kept}")
+
+
+def resume(path, kind, model, opt, **same):
+    """--resume: load `path`'s weights, optimizer, step and metrics into model and opt. Every
+    keyword names a checkpoint entry that must equal this run's (model_args, frame_space, ...):
+    other flags would make another model. -> (checkpoint, step, metrics)"""
+    ck = load_checkpoint(path, (kind,))
+    for key, value in same.items():
+        if ck.get(key) != value:
+            raise KitError(f"--resume: {path} was trained with another {key} ({ck.get(key)}; this run: {value})")
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    print(f"resumed {path} at step {ck['step']}")
+    return ck, ck["step"], ck.get("metrics", {})
+
+
+# =============================================================================
+# 2. the game: the env every script and evaluation uses, the keyboard, the policies
 
 def _ale_games():
     return {k[4:-3].lower(): k for k in gym.registry if k.startswith("ALE/") and k.endswith("-v5")}
@@ -156,6 +234,24 @@ def action_for_keys(pressed, meanings):
         if parts <= pressed and len(parts) > best_n:
             best, best_n = i, len(parts)
     return best
+
+
+def check_display(hint):
+    """Fail before loading anything when no window can open, and say what works instead."""
+    driver = os.environ.get("SDL_VIDEODRIVER", "")
+    if driver in ("dummy", "offscreen"):
+        raise KitError(f"no window can open with SDL_VIDEODRIVER={driver}; {hint}")
+    has_display = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    if sys.platform.startswith("linux") and not driver and not has_display:
+        raise KitError(f"no display to open a window on (DISPLAY is not set); {hint}")
+
+
+def pygame_keys():
+    """pygame key code -> name in KEYS (arrows, space for FIRE). Imported lazily: headless
+    scripts never load pygame."""
+    import pygame
+    return {pygame.K_UP: "UP", pygame.K_DOWN: "DOWN", pygame.K_LEFT: "LEFT",
+            pygame.K_RIGHT: "RIGHT", pygame.K_SPACE: "FIRE"}
 
 
 # -----------------------------------------------------------------------------
@@ -259,26 +355,8 @@ def make_policy(name, env, rng, mix_weights=(0.5, 0.3, 0.2), warn=True):
     raise KitError(f"unknown policy '{name}' (random, sticky, tracker, mix)")
 
 
-def check_display(hint):
-    """Fail before loading anything when no window can open, and say what works instead."""
-    driver = os.environ.get("SDL_VIDEODRIVER", "")
-    if driver in ("dummy", "offscreen"):
-        raise KitError(f"no window can open with SDL_VIDEODRIVER={driver}; {hint}")
-    has_display = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
-    if sys.platform.startswith("linux") and not driver and not has_display:
-        raise KitError(f"no display to open a window on (DISPLAY is not set); {hint}")
-
-
-def pygame_keys():
-    """pygame key code -> name in KEYS (arrows, space for FIRE). Imported lazily: headless
-    scripts never load pygame."""
-    import pygame
-    return {pygame.K_UP: "UP", pygame.K_DOWN: "DOWN", pygame.K_LEFT: "LEFT",
-            pygame.K_RIGHT: "RIGHT", pygame.K_SPACE: "FIRE"}
-
-
-# -----------------------------------------------------------------------------
-# frame spaces: data is stored raw (210x160x3); each model preprocesses at training time
+# =============================================================================
+# 3. frames: data is stored raw (210x160x3); each model preprocesses at training time
 
 FRAME_SPACES = {  # name -> (H, W, C)
     "rgb84x64": (84, 64, 3),   # aspect-true RGB (seed 003)
@@ -326,7 +404,26 @@ def to_image(x):
     return np.repeat(x, 3, axis=2) if x.shape[2] == 1 else x
 
 
-# -----------------------------------------------------------------------------
+def to_float(x):
+    """uint8 [0, 255] -> float [-1, 1]"""
+    return x.float().div(127.5).sub(1.0)
+
+
+def to_uint8(x):
+    return x.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def stack_frames(frames, stack, starts=None):
+    """(N, C, H, W) -> (len(starts), stack * C, H, W): for each start j, frames j .. j + stack - 1
+    as channels, oldest first (default: every start). Only the stacks asked for are copied."""
+    if starts is None:
+        starts = torch.arange(len(frames) - stack + 1)
+    return frames[starts[:, None] + torch.arange(stack)].flatten(1, 2)
+
+
+# =============================================================================
+# 4. files: episodes, checkpoints, the code caches
+
 # episodes: one compressed npz per episode, allow_pickle=False.
 # frames (N+1, 210, 160, 3) uint8; actions/rewards/terminated/truncated (N,):
 # action[i] takes frames[i] to frames[i+1].
@@ -449,11 +546,13 @@ def save_checkpoint(path, ckpt):
     _atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
-def check_finite(loss, step, out):
-    """Stop on a NaN/inf loss, saying at which step; the last good checkpoint stays as it is."""
-    if not torch.isfinite(loss):
-        kept = f"last good checkpoint kept at {out}" if os.path.exists(out) else "no checkpoint was written yet"
-        raise KitError(f"loss became {loss.item()} at step {step}; {kept}")
+# constructor arguments renamed since checkpoints were first written: old files still load
+RENAMED_ARGS = {"latent": "code_dim", "n_latent": "n_latent_actions"}
+
+
+def first_line(e):
+    """An exception as `Type: first line of its message`, for one-line errors."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 def load_checkpoint(path, kinds=None):
@@ -463,36 +562,104 @@ def load_checkpoint(path, kinds=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise KitError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise KitError(f"cannot read checkpoint {path}: {first_line(e)}") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise KitError(f"{path} is not a checkpoint written by this kit")
     if kinds and ckpt["kind"] not in kinds:
         raise KitError(f"{path} is a '{ckpt['kind']}' checkpoint; expected {' or '.join(kinds)}")
+    for key in ("model_args", "tokenizer_args", "encoder_args"):
+        if isinstance(ckpt.get(key), dict):
+            ckpt[key] = {RENAMED_ARGS.get(k, k): v for k, v in ckpt[key].items()}
     return ckpt
 
 
 # -----------------------------------------------------------------------------
-# VQ-VAE tokenizer (seed 003, v2.3): conv encoder, EMA vector quantizer with dead-code
-# reset, nearest-upsample decoder (no checkerboard). Widths, codes and grid are arguments.
+# code caches: every frame of a dataset encoded once per tokenizer
 
-def to_float(x):
-    """uint8 [0, 255] -> float [-1, 1]"""
-    return x.float().div(127.5).sub(1.0)
-
-
-def to_uint8(x):
-    return x.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+def file_key(path):
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
-def _groups(c):
+@torch.no_grad()
+def _encoded(data_dir, tok_path, encode, space, game, skip_bad, name):
+    """encode(frames) of every episode of `data_dir` (frames (N+1, C, H, W) uint8 in `space`
+    -> a numpy array): {file name: array}, cached in data_dir/<name>.npz under the tokenizer
+    checkpoint's hash, so that the dynamics never re-encode frames. A cache built by another
+    tokenizer is detected and rebuilt; episodes added since are encoded and appended."""
+    from tqdm import tqdm
+    key, path = file_key(tok_path), os.path.join(data_dir, f"{name}.npz")
+    files = episode_files(data_dir)
+    # an episode re-recorded under the same name has another size or mtime: encode it again
+    sig = {os.path.basename(f): f"{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files}
+    cached = {}
+    if os.path.exists(path):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["key"]) == key:
+                    cached = {k: z[k] for k in z.files if k in sig and str(z[f"{k}.sig"]) == sig[k]}
+                else:
+                    print(f"{name} cache {path} was built by another tokenizer: rebuilding", file=sys.stderr)
+        except Exception:
+            print(f"{name} cache {path} is unreadable: rebuilding", file=sys.stderr)
+    todo = [f for f in files if os.path.basename(f) not in cached]
+    for f in tqdm(todo, desc=f"encode {name}", unit="ep", leave=False):
+        try:
+            ep = load_episode(f, keys=["frames", "actions", "game"])
+        except KitError as e:
+            if skip_bad:
+                continue
+            raise KitError(f"{e} (use --skip-bad to go on without it)") from None
+        if str(ep["game"]) != game:
+            raise KitError(f"tokenizer {tok_path} was trained on {game}, {f} is {ep['game']}")
+        cached[os.path.basename(f)] = encode(preprocess(ep["frames"], space))
+    if todo:
+        sigs = {f"{k}.sig": np.array(sig[k]) for k in cached}
+        _atomic_write(path, lambda fo: np.savez(fo, key=np.array(key), **cached, **sigs))
+    return cached
+
+
+def token_cache(data_dir, tok_path, tok, space, device, game, skip_bad=False, batch=256):
+    """Tokens of every episode: {file name: (N+1, h, w) int64}, cached in data_dir/tokens.npz."""
+    tok = tok.to(device).eval()
+    encode = lambda frames: torch.cat([tok.encode(x.to(device)).cpu() for x in frames.split(batch)]).numpy().astype(
+        np.int16)
+    cached = _encoded(data_dir, tok_path, encode, space, game, skip_bad, "tokens")
+    return {k: torch.from_numpy(v.astype(np.int64)) for k, v in cached.items()}
+
+
+def latent_cache(data_dir, ae_path, ae, space, device, game, skip_bad=False, batch=256):
+    """Latents of every episode: {file name: (N + 2 - stack, latent_dim) float32}, latent j
+    encoding frames j .. j + stack - 1; cached in data_dir/latents.npz."""
+    ae = ae.to(device).eval()
+    encode = lambda frames: torch.cat([torch.zeros(0, ae.latent_dim)] + [  # an episode may be shorter than a stack
+        ae.encode(stack_frames(frames, ae.stack, starts).to(device)).cpu()
+        for starts in torch.arange(len(frames) - ae.stack + 1).split(batch)]).numpy()
+    cached = _encoded(data_dir, ae_path, encode, space, game, skip_bad, "latents")
+    return {k: torch.from_numpy(v) for k, v in cached.items()}
+
+
+def windows(lengths, length):
+    """(episode index, start) of every run of `length` consecutive entries in sequences of the
+    given lengths: the training and evaluation windows of the dynamics scripts."""
+    return [(i, s) for i, n in enumerate(lengths) for s in range(n - length + 1)]
+
+
+# =============================================================================
+# 5. tokenizers: frames <-> tokens (VQ-VAE) or latent vectors (autoencoder)
+
+def groups(c):
     return 8 if c % 8 == 0 else 1
 
 
 class ResBlock(nn.Module):
     def __init__(self, c):
         super().__init__()
-        self.net = nn.Sequential(nn.GroupNorm(_groups(c), c), nn.GELU(), nn.Conv2d(c, c, 3, padding=1),
-                                 nn.GroupNorm(_groups(c), c), nn.GELU(), nn.Conv2d(c, c, 3, padding=1))
+        self.net = nn.Sequential(nn.GroupNorm(groups(c), c), nn.GELU(), nn.Conv2d(c, c, 3, padding=1),
+                                 nn.GroupNorm(groups(c), c), nn.GELU(), nn.Conv2d(c, c, 3, padding=1))
 
     def forward(self, x):
         return x + self.net(x)
@@ -550,26 +717,28 @@ class VectorQuantizer(nn.Module):
 
 
 class VQVAE(nn.Module):
-    """(B, C, H, W) uint8 frames <-> (B, H/2^down, W/2^down) token indices."""
+    """(B, C, H, W) uint8 frames <-> (B, H/2^down, W/2^down) token indices. `hidden`: channels
+    of the full-resolution convs (doubling at each stride-2 stage); `code_dim`: channels at the
+    token grid, which is the size of each codebook vector; `n_codes`: the codebook's size."""
 
-    def __init__(self, in_ch=3, hidden=32, latent=64, n_codes=64, down=2, n_res=2):
+    def __init__(self, in_ch=3, hidden=32, code_dim=64, n_codes=64, down=2, n_res=2):
         super().__init__()
         self.n_codes, self.down = n_codes, down
         enc = [nn.Conv2d(in_ch, hidden, 3, padding=1)]
         c = hidden
         for i in range(down):
-            c_out = latent if i == down - 1 else hidden * 2 ** (i + 1)
-            enc += [nn.Conv2d(c, c_out, 4, stride=2, padding=1), nn.GroupNorm(_groups(c_out), c_out), nn.GELU()]
+            c_out = code_dim if i == down - 1 else hidden * 2 ** (i + 1)
+            enc += [nn.Conv2d(c, c_out, 4, stride=2, padding=1), nn.GroupNorm(groups(c_out), c_out), nn.GELU()]
             c = c_out
-        enc += [ResBlock(latent) for _ in range(n_res)] + [nn.Conv2d(latent, latent, 1)]
+        enc += [ResBlock(code_dim) for _ in range(n_res)] + [nn.Conv2d(code_dim, code_dim, 1)]
         self.encoder = nn.Sequential(*enc)
-        self.quantizer = VectorQuantizer(n_codes, latent)
-        dec = [nn.Conv2d(latent, latent, 1)] + [ResBlock(latent) for _ in range(n_res)]
-        c = latent
+        self.quantizer = VectorQuantizer(n_codes, code_dim)
+        dec = [nn.Conv2d(code_dim, code_dim, 1)] + [ResBlock(code_dim) for _ in range(n_res)]
+        c = code_dim
         for i in reversed(range(down)):
             c_out = hidden * 2 ** i
             dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c_out, 3, padding=1),
-                    nn.GroupNorm(_groups(c_out), c_out), nn.GELU()]
+                    nn.GroupNorm(groups(c_out), c_out), nn.GELU()]
             c = c_out
         dec += [nn.Conv2d(c, in_ch, 3, padding=1), nn.Tanh()]
         self.decoder = nn.Sequential(*dec)
@@ -594,12 +763,6 @@ class VQVAE(nn.Module):
 # frames -> 64-D VAE): four stride-2 convs, two FC layers each way, transposed-conv decoder,
 # GroupNorm after every conv but the last.
 
-def stack_frames(frames, stack):
-    """(N, C, H, W) -> (N - stack + 1, stack * C, H, W): each frame with the stack - 1 before
-    it as channels, oldest first. Row j holds frames j .. j + stack - 1."""
-    return frames.unfold(0, stack, 1).permute(0, 4, 1, 2, 3).flatten(1, 2)
-
-
 class ConvAE(nn.Module):
     """(B, stack * C, H, W) uint8 frames <-> (B, latent_dim) vectors; a VAE when `vae`.
 
@@ -614,16 +777,18 @@ class ConvAE(nn.Module):
         widths = [hidden * 2 ** i for i in range(4)]  # seed 004: 32, 64, 128, 256
         enc, c = [], in_ch * stack
         for w in widths:  # GroupNorm is not in the seeds: without it the AE sat at the mean frame for 500 steps
-            enc += [nn.Conv2d(c, w, 4, stride=2, padding=1), nn.GroupNorm(_groups(w), w), nn.ReLU()]
+            enc += [nn.Conv2d(c, w, 4, stride=2, padding=1), nn.GroupNorm(groups(w), w), nn.ReLU()]
             c = w
         self.encoder = nn.Sequential(*enc, nn.Flatten(), nn.Linear(c * h0 * w0, fc), nn.ReLU(),
                                      nn.Linear(fc, latent_dim * (2 if vae else 1)))
-        if vae:  # start at noise std 0.05, not 1: the decoder must learn to use the latent before noise teaches it not to
+        if vae:  # noise std 0.05 at the start, not 1: the decoder must learn to use the latent before noise
+            # teaches it not to
             with torch.no_grad():
                 self.encoder[-1].bias[latent_dim:].fill_(-6.0)
-        dec = [nn.Linear(latent_dim, fc), nn.ReLU(), nn.Linear(fc, c * h0 * w0), nn.ReLU(), nn.Unflatten(1, (c, h0, w0))]
+        dec = [nn.Linear(latent_dim, fc), nn.ReLU(), nn.Linear(fc, c * h0 * w0), nn.ReLU(),
+               nn.Unflatten(1, (c, h0, w0))]
         for w in widths[-2::-1]:
-            dec += [nn.ConvTranspose2d(c, w, 4, stride=2, padding=1), nn.GroupNorm(_groups(w), w), nn.ReLU()]
+            dec += [nn.ConvTranspose2d(c, w, 4, stride=2, padding=1), nn.GroupNorm(groups(w), w), nn.ReLU()]
             c = w
         self.decoder = nn.Sequential(*dec, nn.ConvTranspose2d(c, in_ch * stack, 4, stride=2, padding=1), nn.Tanh())
 
@@ -651,7 +816,18 @@ class ConvAE(nn.Module):
         return x[:, -self.in_ch:] if last else x
 
 
-# -----------------------------------------------------------------------------
+def load_tokenizer(path, kinds=("vqvae",)):
+    """A tokenizer checkpoint (VQ-VAE, or autoencoder when "ae" is in kinds) -> (model in
+    eval mode, checkpoint dict)."""
+    ck = load_checkpoint(path, kinds)
+    model = (ConvAE if ck["kind"] == "ae" else VQVAE)(**ck["model_args"])
+    model.load_state_dict(ck["model"])
+    return model.eval(), ck
+
+
+# =============================================================================
+# 6. dynamics: the next frame's code from the history and the action
+
 # token dynamics: next-frame tokens from `context` frames of tokens and the action.
 # A conv net on the token grid: Atari physics is local, and at batch 1 on a CPU a 3x3 conv
 # over 21x16 positions costs a fraction of attention over them (README, "Why a conv net").
@@ -661,8 +837,8 @@ class ConvAE(nn.Module):
 class FiLMBlock(nn.Module):
     def __init__(self, c, cond):
         super().__init__()
-        self.n1, self.c1 = nn.GroupNorm(_groups(c), c), nn.Conv2d(c, c, 3, padding=1)
-        self.n2, self.c2 = nn.GroupNorm(_groups(c), c), nn.Conv2d(c, c, 3, padding=1)
+        self.n1, self.c1 = nn.GroupNorm(groups(c), c), nn.Conv2d(c, c, 3, padding=1)
+        self.n2, self.c2 = nn.GroupNorm(groups(c), c), nn.Conv2d(c, c, 3, padding=1)
         self.film = nn.Linear(cond, 2 * c)
         self.glob = nn.Linear(c, c)  # global context: scores, serves, events far away
 
@@ -683,7 +859,7 @@ class TokenDynamics(nn.Module):
         self.act = nn.Embedding(n_actions, dim)
         self.act_bias = nn.Parameter(torch.zeros(n_actions, dim, *grid))
         self.blocks = nn.ModuleList(FiLMBlock(dim, dim) for _ in range(n_blocks))
-        self.out = nn.Sequential(nn.GroupNorm(_groups(dim), dim), nn.GELU(), nn.Conv2d(dim, n_codes, 1))
+        self.out = nn.Sequential(nn.GroupNorm(groups(dim), dim), nn.GELU(), nn.Conv2d(dim, n_codes, 1))
         self.copy = nn.Parameter(torch.tensor(3.0))
 
     def forward(self, hist, action):
@@ -702,86 +878,6 @@ class TokenDynamics(nn.Module):
         return self.out(x) + self.copy * copy
 
 
-def load_tokenizer(path, kinds=("vqvae",)):
-    """A tokenizer checkpoint (VQ-VAE, or autoencoder when "ae" is in kinds) -> (model in
-    eval mode, checkpoint dict)."""
-    ck = load_checkpoint(path, kinds)
-    model = (ConvAE if ck["kind"] == "ae" else VQVAE)(**ck["model_args"])
-    model.load_state_dict(ck["model"])
-    return model.eval(), ck
-
-
-def file_key(path):
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-@torch.no_grad()
-def code_cache(data_dir, tok_path, encode, space, game, skip_bad=False, what="token"):
-    """encode(frames) of every episode of `data_dir` (frames (N+1, C, H, W) uint8 in `space`
-    -> a numpy array): {file name: array}, cached in data_dir/<what>s.npz under the tokenizer
-    checkpoint's hash, so that the world model never re-encodes frames. A cache built by
-    another tokenizer is detected and rebuilt; episodes added since are encoded and appended."""
-    from tqdm import tqdm
-    key, path = file_key(tok_path), os.path.join(data_dir, f"{what}s.npz")
-    files = episode_files(data_dir)
-    # an episode re-recorded under the same name has another size or mtime: encode it again
-    sig = {os.path.basename(f): f"{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files}
-    cached = {}
-    if os.path.exists(path):
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if str(z["key"]) == key:
-                    cached = {k: z[k] for k in z.files if k in sig and str(z[f"{k}.sig"]) == sig[k]}
-                else:
-                    print(f"{what} cache {path} was built by another tokenizer: rebuilding", file=sys.stderr)
-        except Exception:
-            print(f"{what} cache {path} is unreadable: rebuilding", file=sys.stderr)
-    todo = [f for f in files if os.path.basename(f) not in cached]
-    for f in tqdm(todo, desc=f"encode {what}s", unit="ep", leave=False):
-        try:
-            ep = load_episode(f, keys=["frames", "actions", "game"])
-        except KitError as e:
-            if skip_bad:
-                continue
-            raise KitError(f"{e} (use --skip-bad to go on without it)") from None
-        if str(ep["game"]) != game:
-            raise KitError(f"tokenizer {tok_path} was trained on {game}, {f} is {ep['game']}")
-        cached[os.path.basename(f)] = encode(preprocess(ep["frames"], space))
-    if todo:
-        sigs = {f"{k}.sig": np.array(sig[k]) for k in cached}
-        _atomic_write(path, lambda fo: np.savez(fo, key=np.array(key), **cached, **sigs))
-    return cached
-
-
-def windows(eps, length):
-    """All (episode index, start) of a list of episodes {"codes": (N+1, ...)} with `length` codes."""
-    return [(i, s) for i, ep in enumerate(eps) for s in range(len(ep["codes"]) - length + 1)]
-
-
-def token_cache(data_dir, tok_path, tok, space, device, game, skip_bad=False, batch=256):
-    """Tokens of every episode: {file name: (N+1, h, w) int64}, cached in data_dir/tokens.npz."""
-    tok = tok.to(device).eval()
-    encode = lambda frames: torch.cat([tok.encode(frames[i:i + batch].to(device)).cpu()
-                                       for i in range(0, len(frames), batch)]).numpy().astype(np.int16)
-    cached = code_cache(data_dir, tok_path, encode, space, game, skip_bad, "token")
-    return {k: torch.from_numpy(v.astype(np.int64)) for k, v in cached.items()}
-
-
-def latent_cache(data_dir, ae_path, ae, space, device, game, skip_bad=False, batch=256):
-    """Latents of every episode: {file name: (N + 2 - stack, latent_dim) float32}, latent j
-    encoding frames j .. j + stack - 1; cached in data_dir/latents.npz."""
-    ae, S = ae.to(device).eval(), ae.stack
-    encode = lambda frames: torch.cat([torch.zeros(0, ae.latent_dim)] + [
-        ae.encode(stack_frames(frames[i:i + batch + S - 1], S).to(device)).cpu()
-        for i in range(0, len(frames) - S + 1, batch)]).numpy()
-    cached = code_cache(data_dir, ae_path, encode, space, game, skip_bad, "latent")
-    return {k: torch.from_numpy(v) for k, v in cached.items()}
-
-
 class TokenAttention(nn.Module):
     """The alternative layout, kept for the measured comparison (README, "Why a conv net"):
     one position per next-frame token, whose input sums the embeddings of the same
@@ -797,7 +893,8 @@ class TokenAttention(nn.Module):
         self.pos = nn.Parameter(torch.randn(n, dim) * 0.02)
         self.act = nn.Embedding(n_actions, dim)
         self.act_bias = nn.Parameter(torch.zeros(n_actions, n, dim))
-        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, 0.0, activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, 0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, n_blocks, enable_nested_tensor=False)
         self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, n_codes))
         self.copy = nn.Parameter(torch.tensor(3.0))
@@ -873,14 +970,14 @@ class LatentGRU(LatentDynamics):
 
 # -----------------------------------------------------------------------------
 # latent actions (train_latent_action.py; seed 001, Genie): token dynamics conditioned on a
-# latent code learned from video, and a map from the real action to that code.
+# latent action learned from video, and a map from the real action to that latent action.
 
 class ActionMap(nn.Module):
-    """Real action + the last `frames` frames of tokens -> logits over the latent codes. The
+    """Real action + the last `frames` frames of tokens -> logits over the latent actions. The
     frames are there because an action's effect depends on the state: LEFT against the wall
     does what NOOP does, FIRE only serves when no ball is in play. frames=0: the action alone."""
 
-    def __init__(self, n_codes, n_actions, n_latent, frames=4, dim=32, emb=8):
+    def __init__(self, n_codes, n_actions, n_latent_actions, frames=4, dim=32, emb=8):
         super().__init__()
         self.frames = frames
         self.act = nn.Embedding(n_actions, dim)
@@ -888,10 +985,11 @@ class ActionMap(nn.Module):
             self.tok = nn.Embedding(n_codes, emb)
             self.conv = nn.Sequential(nn.Conv2d(frames * emb, dim, 3, stride=2, padding=1), nn.GELU(),
                                       nn.Conv2d(dim, dim, 3, stride=2, padding=1), nn.GELU())
-        self.head = nn.Sequential(nn.Linear(dim * (3 if frames else 1), dim), nn.GELU(), nn.Linear(dim, n_latent))
+        self.head = nn.Sequential(nn.Linear(dim * (3 if frames else 1), dim), nn.GELU(),
+                                  nn.Linear(dim, n_latent_actions))
 
     def forward(self, hist, action):
-        """hist (B, T, h, w) long, action (B,) long -> (B, n_latent) logits"""
+        """hist (B, T, h, w) long, action (B,) long -> (B, n_latent_actions) logits"""
         x = self.act(action)
         if self.frames:
             f = self.conv(self.tok(hist[:, -self.frames:]).permute(0, 1, 4, 2, 3).flatten(1, 2))
@@ -900,21 +998,21 @@ class ActionMap(nn.Module):
 
 
 class LatentActionDynamics(nn.Module):
-    """The world of train_latent_action.py: the real action picks a latent code through the
-    map, and token dynamics conditioned on that code predict the next frame's tokens."""
+    """The world of train_latent_action.py: the real action picks a latent action through the
+    map, and token dynamics conditioned on that latent action predict the next frame's tokens."""
 
-    def __init__(self, n_codes, n_actions, n_latent, grid, context=4, emb=16, dim=64, n_blocks=3,
+    def __init__(self, n_codes, n_actions, n_latent_actions, grid, context=4, emb=16, dim=64, n_blocks=3,
                  map_frames=4, map_dim=32):
         super().__init__()
-        self.n_actions, self.n_latent, self.context = n_actions, n_latent, context
-        self.dynamics = TokenDynamics(n_codes, n_latent, grid, context, emb, dim, n_blocks)
-        self.map = ActionMap(n_codes, n_actions, n_latent, map_frames, map_dim)
+        self.n_actions, self.n_latent_actions, self.context = n_actions, n_latent_actions, context
+        self.dynamics = TokenDynamics(n_codes, n_latent_actions, grid, context, emb, dim, n_blocks)
+        self.map = ActionMap(n_codes, n_actions, n_latent_actions, map_frames, map_dim)
 
-    def latent(self, hist, action):
+    def latent_action(self, hist, action):
         return self.map(hist, action).argmax(1)
 
     def forward(self, hist, action):
-        return self.dynamics(hist, self.latent(hist, action))
+        return self.dynamics(hist, self.latent_action(hist, action))
 
 
 def make_dynamics(arch, **kw):
@@ -930,13 +1028,17 @@ def make_dynamics(arch, **kw):
     raise KitError(f"unknown dynamics architecture '{arch}' (conv, attn, mlp, gru, lam)")
 
 
-# -----------------------------------------------------------------------------
-# the world-model contract. play.py, bench.py, the tests and every evaluation use only this:
-#   wm = load_world(path); wm.context; wm.observe(obs); wm.reset(frames); wm.step(action)
+# =============================================================================
+# 7. the world contract. play.py, bench.py, the tests and every evaluation use only this:
+#   wm = load_world(path); wm.context; f = wm.observe(obs); wm.reset(frames); f = wm.step(action)
+# Under it, the batched core that evaluations and many-dream callers use:
+#   wm.reset_batch(frames (B, context, C, H, W) uint8); wm.step_batch(actions (B,)) -> (B, C, H, W) uint8
 
 class World:
-    """What both worlds share: the frame space in and out, the checks, compile(). Frames are
-    uint8 H x W x C (rgb) or H x W (gray) in the model's frame space."""
+    """What every world shares: the frame space in and out, the checks, compile(), and the
+    one-dream contract over the batched core (reset_batch, step_batch) that each kind of world
+    implements. Contract frames are uint8 H x W x C (rgb) or H x W (gray) numpy arrays in the
+    model's frame space."""
 
     def __init__(self, tok, dyn, space, game, action_meanings, device, context):
         self.device = torch.device(device)
@@ -952,25 +1054,36 @@ class World:
         return self
 
     def observe(self, obs):
+        """A raw env frame (210, 160, 3) -> the model's frame space, as the training data was."""
         return self._frame(preprocess(obs, self.space))
+
+    def reset(self, frames):
+        """Start one dream from `context` frames of observe(), oldest first."""
+        if len(frames) != self.context:
+            raise KitError(f"reset wants {self.context} frames of history, got {len(frames)}")
+        x = torch.as_tensor(np.stack(frames))
+        self.reset_batch((x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2))[None])
+
+    def step(self, action):
+        """One step of the dream: the predicted next frame, in the space of observe()."""
+        return self._frame(self.step_batch([action])[0].cpu())
 
     @staticmethod
     def _frame(f):
         """(C, H, W) uint8 torch -> H x W (x C) numpy"""
         return f[0].numpy() if f.shape[0] == 1 else f.permute(1, 2, 0).numpy()
 
-    def _chw(self, frames):
-        if len(frames) != self.context:
-            raise KitError(f"reset wants {self.context} frames of history, got {len(frames)}")
-        x = torch.as_tensor(np.stack(frames))
-        return (x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)).to(self.device)
-
-    def _action(self, action):
+    def _actions(self, actions):
+        """Action indices for the dreams in flight -> a checked (B,) long tensor on the device."""
         if self.hist is None:
             raise KitError("call reset(frames) before step(action)")
-        if not 0 <= int(action) < self.n_actions:
-            raise KitError(f"action {action} out of range 0..{self.n_actions - 1}")
-        return torch.tensor([int(action)], device=self.device)
+        a = torch.as_tensor(actions).long().reshape(-1)
+        if len(a) != len(self.hist):
+            raise KitError(f"{len(a)} actions for {len(self.hist)} dreams")
+        bad = a[(a < 0) | (a >= self.n_actions)]
+        if len(bad):
+            raise KitError(f"action {int(bad[0])} out of range 0..{self.n_actions - 1}")
+        return a.to(self.device)
 
 
 class TokenWorld(World):
@@ -980,40 +1093,43 @@ class TokenWorld(World):
         super().__init__(tok, dyn, space, game, action_meanings, device, dyn.context)
 
     @torch.inference_mode()
-    def reset(self, frames):
-        self.hist = self.tok.encode(self._chw(frames))[None]  # (1, T, h, w)
+    def reset_batch(self, frames):
+        tokens = self.tok.encode(frames.flatten(0, 1).to(self.device))
+        self.hist = tokens.view(*frames.shape[:2], *tokens.shape[1:])  # (B, T, h, w)
 
     @torch.inference_mode()
-    def step(self, action):
-        return self._advance(self.dyn(self.hist, self._action(action)))
+    def step_batch(self, actions):
+        return self._advance(self.dyn(self.hist, self._actions(actions)))
 
     def _advance(self, logits):
         nxt = logits.argmax(1)
         self.hist = torch.cat([self.hist[:, 1:], nxt[:, None]], 1)
-        return self._frame(to_uint8(self.tok.decode(nxt))[0].cpu())
+        return to_uint8(self.tok.decode(nxt))
 
 
 class LatentActionWorld(TokenWorld):
-    """A world from train_latent_action.py: step(action) goes through the map from real
-    actions to latent codes; step_latent(code) fires a code directly (play.py --latent)."""
+    """A world from train_latent_action.py: step(action) goes through the map from real actions
+    to latent actions; step_latent_action(i) fires latent action i directly (play.py
+    --latent-actions)."""
 
     def __init__(self, tok, dyn, space, game, action_meanings, device="cpu", mapped=True):
         super().__init__(tok, dyn, space, game, action_meanings, device)
-        self.n_latent, self.mapped = dyn.n_latent, mapped
+        self.n_latent_actions, self.mapped = dyn.n_latent_actions, mapped
 
-    def step(self, action):
+    def step_batch(self, actions):
         if not self.mapped:
-            raise KitError("this latent-action model has no map from real actions yet (--map-steps 0): "
-                           "fire codes with play.py --latent, or fit one with train_latent_action.py --map-only")
-        return super().step(action)
+            raise KitError("this latent-action model has no map from real actions yet (--map-steps 0): fire latent "
+                           "actions with play.py --latent-actions, or fit a map with train_latent_action.py --map-only")
+        return super().step_batch(actions)
 
     @torch.inference_mode()
-    def step_latent(self, code):
+    def step_latent_action(self, latent_action):
         if self.hist is None:
-            raise KitError("call reset(frames) before step_latent(code)")
-        if not 0 <= int(code) < self.n_latent:
-            raise KitError(f"latent code {code} out of range 0..{self.n_latent - 1}")
-        return self._advance(self.dyn.dynamics(self.hist, torch.tensor([int(code)], device=self.device)))
+            raise KitError("call reset(frames) before step_latent_action(i)")
+        if not 0 <= int(latent_action) < self.n_latent_actions:
+            raise KitError(f"latent action {latent_action} out of range 0..{self.n_latent_actions - 1}")
+        logits = self.dyn.dynamics(self.hist, torch.tensor([int(latent_action)], device=self.device))
+        return self._frame(self._advance(logits)[0].cpu())
 
 
 class LatentWorld(World):
@@ -1026,16 +1142,16 @@ class LatentWorld(World):
         self.h = None
 
     @torch.inference_mode()
-    def reset(self, frames):
-        self.hist = self.tok.encode(stack_frames(self._chw(frames), self.tok.stack))[None]  # (1, L, D)
+    def reset_batch(self, frames):
+        stacks = torch.stack([stack_frames(f, self.tok.stack) for f in frames.to(self.device)])  # (B, L, S*C, H, W)
+        self.hist = self.tok.encode(stacks.flatten(0, 1)).view(*stacks.shape[:2], -1)  # (B, L, D)
         self.h = None  # the GRU runs over the history at the first step
 
     @torch.inference_mode()
-    def step(self, action):
-        a = self._action(action)
-        nxt, self.h = self.dyn(self.hist, a, self.h)
+    def step_batch(self, actions):
+        nxt, self.h = self.dyn(self.hist, self._actions(actions), self.h)
         self.hist = torch.cat([self.hist[:, 1:], nxt[:, None]], 1)
-        return self._frame(to_uint8(self.tok.decode(nxt, last=True))[0].cpu())
+        return to_uint8(self.tok.decode(nxt, last=True))
 
 
 def load_world(path, device="cpu"):
@@ -1049,17 +1165,34 @@ def load_world(path, device="cpu"):
         dyn = make_dynamics(**ck["model_args"])
         dyn.load_state_dict(ck["model"])
     except (KeyError, TypeError, RuntimeError) as e:
-        raise KitError(f"{path} does not fit this version of the kit ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise KitError(f"{path} does not fit this version of the kit ({first_line(e)})") from None
+    args = (tok, dyn, ck["frame_space"], ck["game"], ck["action_meanings"], device)
     if ck["model_args"]["arch"] == "lam":
-        return LatentActionWorld(tok, dyn, ck["frame_space"], ck["game"], ck["action_meanings"], device,
-                                 mapped=ck.get("map_step", 0) > 0)
-    return (LatentWorld if latent else TokenWorld)(tok, dyn, ck["frame_space"], ck["game"], ck["action_meanings"], device)
+        return LatentActionWorld(*args, mapped=ck.get("map_step", 0) > 0)
+    return LatentWorld(*args) if latent else TokenWorld(*args)
 
 
-# -----------------------------------------------------------------------------
-# Pong objects in any frame space, in raw 210x160 pixel coordinates: bench.py and the
-# world-model eval score dreams by where the paddle and the ball are, not by average pixels
-# (~99.5% of a Pong frame is static; copying the last frame already scores ~33 dB).
+# =============================================================================
+# 8. scoring: one copy of each rule. Dreams are scored against the real frames by PSNR and,
+# on Pong, by where the paddle and the ball are, measured on the frames themselves in raw
+# 210x160 pixels: ~99.5% of a Pong frame is static, so copying the last frame already scores
+# ~33 dB, and average pixels say little about the objects that make the game.
+
+HORIZONS = (1, 5, 10, 30)  # steps after the last real frame at which open-loop dreams are scored
+
+
+def psnr(mse):
+    """dB of a mean squared error on [0, 255] pixels (a number, an array or a tensor), floored at
+    1e-3 so that identical frames score 78 dB rather than infinity."""
+    if torch.is_tensor(mse):
+        return 10 * torch.log10(255 ** 2 / mse.clamp_min(1e-3))
+    return 10 * np.log10(255 ** 2 / np.maximum(mse, 1e-3))
+
+
+def frame_mse(a, b):
+    """Mean squared error of each frame: a, b (B, ...) uint8 tensors -> (B,) float."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
 
 PONG_FIELD = (34, 194)      # raw rows of the play field (between the white walls)
 PONG_PLAYER = (140, 144)    # raw columns of the player's (right, green) paddle
@@ -1091,3 +1224,66 @@ def pong_objects(frame, space):
         rr, cc = np.mgrid[max(r - 2, 0):max(r - 2, 0) + win.shape[0], max(c - 2, 0):max(c - 2, 0) + win.shape[1]]
         ball = ((np.sum(win * (rr + 0.5)) / win.sum() + r0) * sy, np.sum(win * (cc + 0.5)) / win.sum() * sx)
     return paddle, ball[0], ball[1]
+
+
+def pong_scores(dream, real, space, k):
+    """The paddle/ball rule, at horizon k: the player's paddle error (raw pixels) over frames
+    where the real paddle is visible, a dream that lost it counting as 210 pixels off; and the
+    share of frames with a real ball whose dream has a ball within 8 raw pixels of it."""
+    pad, ball = [], []
+    for d, r in zip(dream, real):
+        (rp, rb, rc), (dp, db, dc) = [pong_objects(to_image(x), space) for x in (r, d)]
+        if rp is not None:
+            pad.append(abs(dp - rp) if dp is not None else 210.0)
+        if rb is not None:
+            ball.append(db is not None and np.hypot(db - rb, dc - rc) <= 8)
+    pad, ball = np.array(pad), np.array(ball, float)
+    stat = lambda x, f: float(f(x)) if len(x) else float("nan")  # plain floats: checkpoints load with weights_only
+    return {f"paddle_px@{k}": stat(pad, np.mean), f"paddle_median@{k}": stat(pad, np.median),
+            f"paddle_2px@{k}": stat(pad <= 2, np.mean), f"ball_8px@{k}": stat(ball, np.mean)}
+
+
+@torch.no_grad()
+def open_loop(wm, frames, actions, horizons=HORIZONS):
+    """Dream from the first `wm.context` real frames with the true actions and score the dream
+    against the real frames: frames (B, context + max(horizons), C, H, W) uint8 in wm's frame
+    space, actions (B, max(horizons)). -> psnr@h and copy_psnr@h (the last real frame as the
+    prediction) at each horizon; on Pong, pong_scores at 10 and 30 steps."""
+    T, pong = wm.context, wm.game == "ALE/Pong-v5"
+    wm.reset_batch(frames[:, :T])
+    m = {}
+    for k in range(1, max(horizons) + 1):
+        dream = wm.step_batch(actions[:, k - 1]).cpu()
+        if k in horizons:
+            real = frames[:, T - 1 + k]
+            m[f"psnr@{k}"] = psnr(frame_mse(dream, real)).mean().item()
+            m[f"copy_psnr@{k}"] = psnr(frame_mse(frames[:, T - 1], real)).mean().item()
+            if pong and k in (10, 30):
+                m.update(pong_scores(dream, real, wm.space, k))
+    return m
+
+
+def busiest(episodes, length):
+    """(episode index, start) of the window of `length` frames in which the most pixels change:
+    a rally, not a pause between points. episodes: a list of (N, C, H, W) uint8 frame tensors."""
+    best = (-1.0, 0, 0)
+    for i, f in enumerate(episodes):
+        if len(f) >= length:
+            moving = (f[1:] != f[:-1]).flatten(1).sum(1).float()
+            busy = F.conv1d(moving[None, None], torch.ones(1, 1, length - 1))[0, 0]
+            best = max(best, (busy.max().item(), i, int(busy.argmax())))
+    return best[1], best[2]
+
+
+@torch.no_grad()
+def dream_gif(wm, frames, actions, path, fps=15):
+    """real | dream | |difference| of one open-loop dream, 3x upscaled, into a GIF: frames
+    (context + n, C, H, W) uint8 in wm's frame space, actions (n,) taken after the context."""
+    T, out = wm.context, []
+    wm.reset_batch(frames[None, :T])
+    for k in range(len(actions)):
+        dream, real = to_image(wm.step_batch(actions[k:k + 1])[0]), to_image(frames[T + k])
+        diff = np.abs(real.astype(int) - dream.astype(int)).astype(np.uint8)
+        sep = np.full((real.shape[0], 2, 3), 255, np.uint8)
+        out.append(np.concatenate([real, sep, dream, sep, diff], 1).repeat(3, 0).repeat(3, 1))
+    imageio.mimsave(path, out, duration=1000 / fps, loop=0)  # milliseconds since imageio 2.28

@@ -12,20 +12,20 @@ Examples:
   python play.py --gif assets/dream.gif --steps 200 --policy tracker      # headless real | dream GIF
   python play.py --gif assets/dream.gif --steps 200 --actions 2,2,3,3,0   # the list repeats
   python play.py --benchmark 300                          # FPS of the play loop, no window
-  python play.py --world checkpoints/breakout/lam.pt --latent             # keys 0-9 fire latent codes
-  python play.py --world checkpoints/breakout/lam.pt --latent --gif codes.gif --actions 1,1,2,2
+  python play.py --world checkpoints/breakout/lam.pt --latent-actions     # keys 0-9 fire latent actions
+  python play.py --world checkpoints/breakout/lam.pt --latent-actions --gif latent.gif --actions 1,1,2,2
 
 Keys: arrows and space, mapped through the game's action meanings (the window lists them; no
 key is NOOP). P pauses, R restarts from a fresh env reset, S syncs the dream to the real game,
-Q or Esc quits. With --latent (a model from train_latent_action.py) the number keys 0-9 fire
-latent codes directly, with no shadow: see what each code learned. Uses only the world-model contract of common.py (load_world: context, observe,
-reset, step), so it plays every world model the kit trains.
+Q or Esc quits. With --latent-actions (a model from train_latent_action.py) the number keys 0-9
+fire latent actions directly, with no shadow: see what each one learned. Uses only the
+world-model contract of common.py (load_world: context, observe, reset, step), so it plays
+every world model the kit trains.
 """
 import argparse
 import collections
 import itertools
 import os
-import sys
 import tempfile
 import time
 
@@ -38,15 +38,15 @@ import common
 # -----------------------------------------------------------------------------
 # flags
 
-p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p = common.flags(__doc__)
 p.add_argument("--world", default="checkpoints/pong/world.pt", help="world-model checkpoint from train_world.py")
 p.add_argument("--seed", type=int, default=0, help="env reset seed of the start; R restarts with seed+1, seed+2, ...")
-p.add_argument("--warmup", type=int, default=None,
+p.add_argument("--warmup", type=common.nonneg_int, default=None,
                help="NOOP steps before the dream starts, at least context - 1 (for context real frames); None: that minimum")
 p.add_argument("--shadow", action=argparse.BooleanOptionalAction, default=True,
                help="run the real emulator beside the dream with the same actions")
-p.add_argument("--fps", type=float, default=15, help="frames per second of the window and of GIFs (the data's rate)")
-p.add_argument("--scale", type=int, default=None, help="screen pixels per model pixel; None: 6 in the window, 3 in GIFs")
+p.add_argument("--fps", type=common.positive_float, default=15, help="frames per second of the window and of GIFs (the data's rate)")
+p.add_argument("--scale", type=common.positive_int, default=None, help="screen pixels per model pixel; None: 6 in the window, 3 in GIFs")
 p.add_argument("--record", default=None, help="window: also save what is shown, at scale 3 (.gif; .mp4 needs imageio[ffmpeg])")
 who = p.add_mutually_exclusive_group()
 who.add_argument("--actions", default=None, help="play these action indices instead of the keyboard, repeated: 2,2,3,3,0")
@@ -54,24 +54,22 @@ who.add_argument("--policy", default=None, choices=["random", "sticky", "tracker
                  help="a collect.py policy plays instead of the keyboard (tracker reads the shadow's RAM); None: tracker when headless")
 mode = p.add_mutually_exclusive_group()
 mode.add_argument("--gif", default=None, help="headless: write a real | dream GIF of --steps frames here, no window")
-mode.add_argument("--benchmark", type=int, default=None, metavar="N",
+mode.add_argument("--benchmark", type=common.positive_int, default=None, metavar="N",
                   help="headless: run the play loop N frames with no FPS cap and print the time per part")
-p.add_argument("--steps", type=int, default=200, help="--gif: frames, one per dream step (the start frame is not included)")
-p.add_argument("--threads", type=int, default=1,
+p.add_argument("--steps", type=common.positive_int, default=200, help="--gif: frames, one per dream step (the start frame is not included)")
+p.add_argument("--threads", type=common.positive_int, default=1,
                help="torch threads; a batch-1 step barely splits, and a 2nd thread stalls when the other core is busy")
 p.add_argument("--device", default=None, help="cuda | mps | cpu; None: the best available")
-p.add_argument("--latent", action="store_true",
-               help="latent-action model: number keys (or --actions) fire latent codes, no key is NOOP through the map; no shadow")
+p.add_argument("--latent-actions", action="store_true",
+               help="latent-action model: number keys (or --actions) fire latent actions, no key is NOOP through the map; "
+                    "no shadow")
 p.add_argument("--compile", action="store_true",
                help="torch.compile the model: ~10%% faster steps on a CPU after ~35 s of compiling (bench.py)")
 
+common.renamed(p, "--latent", "--latent-actions", nargs=0, const=True)
+
 NOOP = 0  # every ALE minimal action set starts with NOOP
 GIF_SCALE = 3
-
-
-def psnr(mse):
-    return 10 * np.log10(255 ** 2 / max(mse, 1e-3))
-
 
 # -----------------------------------------------------------------------------
 # the session: a dream and its shadow, advanced one frame at a time
@@ -84,7 +82,7 @@ class Session:
         self.wm, self.env, self.args, self.policy = wm, env, args, policy
         self.warmup = wm.context - 1 if args.warmup is None else args.warmup
         self.held, self.paused, self.running, self.restarts = set(), False, True, 0
-        self.code = None  # --latent: the latent code whose number key is held
+        self.latent_action = None  # --latent-actions: the one whose number key is held
         self.ms = dict(model=0.0, env=0.0, draw=0.0)     # smoothed, for the HUD
         self.total = dict(model=0.0, env=0.0, draw=0.0)  # seconds, for --benchmark
         self.fps, self.err, self.mse = 0.0, 0.0, 0.0
@@ -111,14 +109,14 @@ class Session:
     def act(self):
         if self.policy is not None:
             return self.policy(self.env, self.obs)
-        if self.args.latent:
-            return self.code
+        if self.args.latent_actions:
+            return self.latent_action
         return common.action_for_keys(self.held, self.wm.action_meanings)
 
     def step(self, action):
         t0 = time.perf_counter()
-        if self.args.latent:  # action is a latent code; None: the real NOOP through the map (code 0 without one)
-            self.dream = self.wm.step(NOOP) if action is None and self.wm.mapped else self.wm.step_latent(action or 0)
+        if self.args.latent_actions:  # a latent action; None: the real NOOP through the map (latent action 0 without one)
+            self.dream = self.wm.step(NOOP) if action is None and self.wm.mapped else self.wm.step_latent_action(action or 0)
         else:
             self.dream = self.wm.step(action)
         t1 = time.perf_counter()
@@ -155,12 +153,12 @@ class Session:
                 self.restart()
             elif e.type == pg.KEYDOWN and e.key == pg.K_s:
                 self.sync()
-            elif self.args.latent and e.type in (pg.KEYDOWN, pg.KEYUP) and pg.K_0 <= e.key <= pg.K_9:
-                code = e.key - pg.K_0
-                if e.type == pg.KEYDOWN and code < self.wm.n_latent:
-                    self.code = code
-                elif e.type == pg.KEYUP and code == self.code:
-                    self.code = None
+            elif self.args.latent_actions and e.type in (pg.KEYDOWN, pg.KEYUP) and pg.K_0 <= e.key <= pg.K_9:
+                i = e.key - pg.K_0
+                if e.type == pg.KEYDOWN and i < self.wm.n_latent_actions:
+                    self.latent_action = i
+                elif e.type == pg.KEYUP and i == self.latent_action:
+                    self.latent_action = None
             elif e.type in (pg.KEYDOWN, pg.KEYUP) and e.key in keys:
                 (self.held.add if e.type == pg.KEYDOWN else self.held.discard)(keys[e.key])
         if not self.paused:
@@ -236,17 +234,18 @@ def legend(meanings):
 
 
 def latent_legend(wm):
-    top = min(wm.n_latent, 10) - 1
-    return f"KEYS 0-{top} FIRE LATENT CODES 0-{top}  NO KEY: {'NOOP' if wm.mapped else 'CODE 0'}  P PAUSE  R RESTART  Q QUIT"
+    top = min(wm.n_latent_actions, 10) - 1
+    return (f"KEYS 0-{top} FIRE LATENT ACTIONS 0-{top}  NO KEY: {'NOOP' if wm.mapped else 'LATENT 0'}  "
+            "P PAUSE  R RESTART  Q QUIT")
 
 
 def hud(s, scale):
     stats = f"STEP {s.t}  FPS {s.fps:.0f}  MODEL {s.ms['model']:.1f} MS"
-    if s.args.latent:
-        stats += f"  CODE {'-' if s.code is None else s.code}"
+    if s.args.latent_actions:
+        stats += f"  LATENT {'-' if s.latent_action is None else s.latent_action}"
         return [labels(s, scale), [(2, stats + ("  PAUSED" if s.paused else ""))], [(2, latent_legend(s.wm))]]
     if s.args.shadow:
-        stats += f"  ERROR {s.err:.1f}  PSNR {psnr(s.mse):.1f} DB"
+        stats += f"  ERROR {s.err:.1f}  PSNR {common.psnr(s.mse):.1f} DB"
     return [labels(s, scale), [(2, stats + ("  PAUSED" if s.paused else ""))], [(2, legend(s.wm.action_meanings))]]
 
 
@@ -349,7 +348,7 @@ def dream_gif(wm, env, args, policy):
         s.step(s.act())
         # the counter also keeps every frame distinct: Pillow merges identical neighbours, and the GIF
         # must have exactly --steps frames
-        stats = f"STEP {k}/{args.steps}" + (f"  ERROR {s.err:.1f}  PSNR {psnr(s.mse):.1f} DB" if args.shadow else "")
+        stats = f"STEP {k}/{args.steps}" + (f"  ERROR {s.err:.1f}  PSNR {common.psnr(s.mse):.1f} DB" if args.shadow else "")
         frames.append(picture(s, scale, [labels(s, scale, overlay=False), [(2, stats)]], overlay=False))
         err.append(s.err)
         mse.append(s.mse)
@@ -360,7 +359,8 @@ def dream_gif(wm, env, args, policy):
     print(f"wrote {args.gif}: {'real | dream' if args.shadow else 'dream'}, {len(frames)} frames (after dream steps "
           f"1..{args.steps}; the start frame is not included), {frames[0].shape[1]}x{frames[0].shape[0]} at {args.fps:g} FPS")
     if args.shadow:
-        print(f"dream vs real: mean abs error {np.mean(err):.2f}, PSNR {psnr(np.mean(mse)):.2f} dB over the {args.steps} steps")
+        print(f"dream vs real: mean abs error {np.mean(err):.2f}, PSNR {common.psnr(np.mean(mse)):.2f} dB over the "
+              f"{args.steps} steps")
 
 
 # -----------------------------------------------------------------------------
@@ -377,9 +377,6 @@ def parse_actions(spec):
 
 def main():
     args = p.parse_args()
-    for flag in ("steps", "fps", "scale", "benchmark", "threads"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            raise common.KitError(f"--{flag} must be positive, got {getattr(args, flag)}")
     if args.gif and not args.gif.lower().endswith(".gif"):
         raise common.KitError(f"--gif {args.gif}: the file name must end in .gif")
     actions = parse_actions(args.actions) if args.actions is not None else None
@@ -393,18 +390,20 @@ def main():
     wm = common.load_world(args.world, device=common.pick_device(args.device))
     if args.compile:
         wm.compile()
-    if args.latent:
-        if not hasattr(wm, "step_latent"):
-            raise common.KitError(f"--latent needs a latent-action model from train_latent_action.py; {args.world} is not one")
+    if args.latent_actions:
+        if not hasattr(wm, "step_latent_action"):
+            raise common.KitError(f"--latent-actions needs a latent-action model from train_latent_action.py; "
+                                  f"{args.world} is not one")
         if args.policy:
-            raise common.KitError("--latent fires latent codes: use --actions with code numbers, not --policy")
-        args.shadow = False  # the real game cannot take a latent code
-        bad = [a for a in actions or [] if not 0 <= a < wm.n_latent]
+            raise common.KitError("--latent-actions fires latent actions: use --actions with their numbers, not --policy")
+        args.shadow = False  # the real game cannot take a latent action
+        bad = [a for a in actions or [] if not 0 <= a < wm.n_latent_actions]
         if bad:
-            raise common.KitError(f"--actions: {bad[0]} is not a latent code of {args.world} (0..{wm.n_latent - 1})")
+            raise common.KitError(f"--actions: {bad[0]} is not a latent action of {args.world} "
+                                  f"(0..{wm.n_latent_actions - 1})")
         if headless and actions is None:
             actions = [None]  # no keyboard: NOOP through the map
-    bad = [] if args.latent else [a for a in actions or [] if not 0 <= a < wm.n_actions]
+    bad = [] if args.latent_actions else [a for a in actions or [] if not 0 <= a < wm.n_actions]
     if bad:
         names = ", ".join(f"{i} {m}" for i, m in enumerate(wm.action_meanings))
         raise common.KitError(f"--actions: {bad[0]} is not an action of {wm.game} ({names})")
@@ -419,7 +418,7 @@ def main():
         policy = common.make_policy(args.policy or "tracker", env, np.random.default_rng(args.seed))
     else:
         policy = None  # the keyboard
-        print(f"{wm.game} in {args.world}: {latent_legend(wm) if args.latent else legend(wm.action_meanings)}")
+        print(f"{wm.game} in {args.world}: {latent_legend(wm) if args.latent_actions else legend(wm.action_meanings)}")
     try:
         (dream_gif if args.gif else window)(wm, env, args, policy)
     finally:

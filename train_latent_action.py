@@ -1,23 +1,22 @@
 """train_latent_action.py -- learn the controls from video alone (seed 001, Genie).
 
 Stage one never reads the recorded actions. An inverse-dynamics encoder looks at 4 frames of
-tokens and the next frame's tokens and names the transition with one of --n-codes latent
-actions (a VQ codebook); a forward model (train_world.py's token dynamics, conditioned on the
-latent code instead of the real action) predicts the next tokens from the history and that
-code. The small codebook is the bottleneck: log2(n) bits per step can say "the paddle went
+tokens and the next frame's tokens and names the transition with one of --latent-actions
+latent actions; a forward model (train_world.py's token dynamics, conditioned on the latent
+action instead of the real one) predicts the next tokens from the history and that latent
+action. Their small number is the bottleneck: log2(n) bits per step can say "the paddle went
 up", not what the next frame looks like. Stage two fits a map from the real action and the
-last two frames to the code the encoder gives, on labelled episodes. Map + forward model is
-a world driven by real actions: common.load_world loads it like any other (play.py, bench.py),
-and `play.py --latent` fires the codes directly with the number keys.
+last --map-frames (4) frames to the latent action the encoder gives, on labelled episodes.
+Map + forward model is a world driven by real actions: common.load_world loads it like any
+other (play.py, bench.py), and `play.py --latent-actions` fires them with the number keys.
 
 Examples:
   python collect.py --game Breakout && python train_vqvae.py --data data/breakout
   python train_latent_action.py --data data/breakout          # -> checkpoints/breakout/lam.pt
-  python train_latent_action.py --data data/pong --n-codes 64 --out checkpoints/pong/lam64.pt  # the leak
+  python train_latent_action.py --data data/pong --latent-actions 64 --out checkpoints/pong/lam64.pt  # the leak
   python train_latent_action.py --data data/breakout --map-only --map-data data/breakout_human
-  python play.py --world checkpoints/breakout/lam.pt --latent
+  python play.py --world checkpoints/breakout/lam.pt --latent-actions
 """
-import argparse
 import os
 import sys
 import time
@@ -34,71 +33,74 @@ import common
 # -----------------------------------------------------------------------------
 # flags
 
-p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p = common.flags(__doc__)
 p.add_argument("--data", default="data/breakout", help="episodes whose frames train stage one (actions unread)")
 p.add_argument("--tokenizer", default=None, help="VQ-VAE from train_vqvae.py (default: checkpoints/<data name>/vqvae.pt)")
 p.add_argument("--out", default=None, help="checkpoint (default: checkpoints/<data name>/lam.pt)")
-p.add_argument("--n-codes", type=int, default=None,
-               help="latent actions in the codebook (default: the game's number of real actions)")
-p.add_argument("--context", type=int, default=4, help="frames of history, for the encoder and the forward model")
-p.add_argument("--enc-dim", type=int, default=64, help="encoder: conv channels")
-p.add_argument("--dim", type=int, default=64, help="forward model: channels (as train_world.py)")
-p.add_argument("--emb", type=int, default=16, help="forward model: token embedding per history frame")
-p.add_argument("--blocks", type=int, default=3, help="forward model: residual FiLM blocks")
-p.add_argument("--steps", type=int, default=1200, help="stage one: optimizer steps")
-p.add_argument("--batch", type=int, default=16, help="stage one: windows per batch")
-p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine decay)")
-p.add_argument("--rollout", type=int, default=3, help="K: steps the forward model unrolls on its own predictions")
-p.add_argument("--teacher-forcing", type=float, default=0.1, help="floor of the teacher-forcing schedule")
-p.add_argument("--discount", type=float, default=0.7, help="loss discount per rollout step (seed 003)")
-p.add_argument("--changed-weight", type=float, default=10.0,
+p.add_argument("--latent-actions", type=common.positive_int, default=None,
+               help="how many latent actions (default: the game's number of real actions)")
+p.add_argument("--context", type=common.positive_int, default=4, help="frames of history, for the encoder and the forward model")
+p.add_argument("--enc-dim", type=common.positive_int, default=64, help="encoder: conv channels")
+p.add_argument("--dim", type=common.positive_int, default=64, help="forward model: channels (as train_world.py)")
+p.add_argument("--emb", type=common.positive_int, default=16, help="forward model: token embedding per history frame")
+p.add_argument("--blocks", type=common.positive_int, default=3, help="forward model: residual FiLM blocks")
+p.add_argument("--steps", type=common.positive_int, default=1200, help="stage one: optimizer steps")
+p.add_argument("--batch", type=common.positive_int, default=16, help="stage one: windows per batch")
+p.add_argument("--lr", type=common.positive_float, default=1e-3, help="AdamW learning rate (cosine decay)")
+p.add_argument("--rollout", type=common.positive_int, default=3, help="K: steps the forward model unrolls on its own predictions")
+p.add_argument("--teacher-forcing", type=common.probability, default=0.1, help="floor of the teacher-forcing schedule")
+p.add_argument("--discount", type=common.positive_float, default=0.7, help="loss discount per rollout step (seed 003)")
+p.add_argument("--changed-weight", type=common.nonneg_float, default=10.0,
                help="extra loss weight of tokens that change: the paddle is ~1%% of the grid and all the action is")
-p.add_argument("--diversity", type=float, default=0.1,
-               help="weight of the batch code-usage entropy bonus (wav2vec 2.0): without it every transition gets one code")
+p.add_argument("--diversity", type=common.nonneg_float, default=0.1,
+               help="weight of the batch usage-entropy bonus (wav2vec 2.0): without it every transition gets one latent action")
 p.add_argument("--map-data", default=None, help="labelled episodes for the map (default: --data)")
-p.add_argument("--map-steps", type=int, default=1500, help="stage two: optimizer steps of the map (0: no map)")
-p.add_argument("--map-frames", type=int, default=4, help="frames the map sees besides the action (0: the action alone)")
+p.add_argument("--map-steps", type=common.nonneg_int, default=1500, help="stage two: optimizer steps of the map (0: no map)")
+p.add_argument("--map-frames", type=common.nonneg_int, default=4,
+               help="frames the map sees besides the action (0: the action alone)")
 p.add_argument("--map-only", action="store_true", help="keep --out's encoder and forward model, fit the map again")
-p.add_argument("--eval-every", type=int, default=300, help="stage one: validation and checkpoint every N steps")
-p.add_argument("--eval-windows", type=int, default=512, help="validation transitions scored")
-p.add_argument("--val-frac", type=float, default=0.1, help="fraction of episodes held out (same split as the tokenizer)")
+p.add_argument("--eval-every", type=common.positive_int, default=300, help="stage one: validation and checkpoint every N steps")
+p.add_argument("--eval-windows", type=common.positive_int, default=512, help="validation transitions scored")
+p.add_argument("--val-frac", type=common.probability, default=0.1,
+               help="fraction of episodes held out (same split as the tokenizer)")
 p.add_argument("--seed", type=int, default=0, help="random seed")
 p.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
 p.add_argument("--resume", action="store_true", help="continue stage one from --out with its optimizer and step")
 p.add_argument("--skip-bad", action="store_true", help="skip unreadable episode files instead of stopping")
-p.add_argument("--assets", default="assets", help="where the code-per-frame PNG goes")
+p.add_argument("--assets", default="assets", help="where the latent-action PNG goes")
+common.renamed(p, "--n-codes", "--latent-actions", type=common.positive_int)
 
 
 # -----------------------------------------------------------------------------
 # the inverse-dynamics encoder: only stage one and its evaluation use it
 
 class ActionEncoder(nn.Module):
-    """(T frames of tokens, the next frame's tokens) -> one of n_latent codes. It is given
+    """(T frames of tokens, the next frame's tokens) -> one of n_latent_actions. It is given
     token grids and nothing else: the recorded actions never reach it.
 
-    The codebook is the forward model's table of code embeddings; the encoder scores the
-    codes and the argmax is the latent action. The forward model gets it as a one-hot whose
-    gradient is the softmax's (straight-through, Bengio et al. 2013; Jang et al. 2017). The
-    first version was a VQ bottleneck (nearest of n code vectors, seed 001): in a 300-step
-    probe it put every transition on one code for 200 steps, and its codes then carried
-    nothing; scored codes with a usage-entropy bonus cannot collapse that way."""
+    The forward model's table of latent-action embeddings is the codebook; the encoder scores
+    the latent actions and the argmax is the transition's. The forward model gets it as a
+    one-hot whose gradient is the softmax's (straight-through, Bengio et al. 2013; Jang et al.
+    2017). The first version was a VQ bottleneck (nearest of n vectors, seed 001): in a
+    300-step probe it put every transition on one latent action for 200 steps, and they then
+    carried nothing; scores with a usage-entropy bonus cannot collapse that way."""
 
-    def __init__(self, n_codes, n_latent, context=4, emb=8, dim=64):
+    def __init__(self, n_codes, n_latent_actions, context=4, emb=8, dim=64):
         super().__init__()
-        self.n_latent = n_latent
+        self.n_latent_actions = n_latent_actions
         self.tok = nn.Embedding(n_codes, emb)
-        conv = lambda i, o, s: [nn.Conv2d(i, o, 3, stride=s, padding=1), nn.GroupNorm(common._groups(o), o), nn.GELU()]
+        conv = lambda i, o, s: [nn.Conv2d(i, o, 3, stride=s, padding=1), nn.GroupNorm(common.groups(o), o), nn.GELU()]
         self.net = nn.Sequential(*conv((context + 1) * emb + context, dim, 1), *conv(dim, dim, 2), *conv(dim, dim, 2))
-        self.head = nn.Linear(2 * dim, n_latent)
+        self.head = nn.Linear(2 * dim, n_latent_actions)
 
     def forward(self, hist, nxt):
-        """-> (straight-through one-hot (B, n_latent), code (B,), softmax (B, n_latent))"""
+        """-> (straight-through one-hot (B, n), latent action (B,), softmax (B, n))"""
         x = torch.cat([hist, nxt[:, None]], 1)
         moved = (x[:, 1:] != x[:, :-1]).to(self.head.weight.dtype)  # where each step changed: motion, spelled out
         f = self.net(torch.cat([self.tok(x).permute(0, 1, 4, 2, 3).flatten(1, 2), moved], 1))
         prob = F.softmax(self.head(torch.cat([f.amax((2, 3)), f.mean((2, 3))], 1)), 1)
         idx = prob.argmax(1)
-        return F.one_hot(idx, self.n_latent).to(prob.dtype) + prob - prob.detach(), idx, prob
+        return F.one_hot(idx, self.n_latent_actions).to(prob.dtype) + prob - prob.detach(), idx, prob
 
 
 # -----------------------------------------------------------------------------
@@ -106,7 +108,7 @@ class ActionEncoder(nn.Module):
 
 def gather(eps, idx, length, device, actions=False):
     """tokens (B, length, h, w) of windows idx, and the action taken at the last history frame."""
-    tok = torch.stack([eps[i]["codes"][s:s + length] for i, s in idx]).to(device)
+    tok = torch.stack([eps[i]["tokens"][s:s + length] for i, s in idx]).to(device)
     if not actions:
         return tok
     return tok, torch.stack([eps[i]["actions"][s + length - 2] for i, s in idx]).to(device)
@@ -114,7 +116,7 @@ def gather(eps, idx, length, device, actions=False):
 
 @torch.no_grad()
 def label(enc, eps, pool, T, device, bs=512):
-    """The encoder's code for every window (T frames + the next) of pool."""
+    """The encoder's latent action for every window (T frames + the next) of pool."""
     out = []
     for j in range(0, len(pool), bs):
         tok = gather(eps, pool[j:j + bs], T + 1, device)
@@ -125,9 +127,10 @@ def label(enc, eps, pool, T, device, bs=512):
 @torch.no_grad()
 def scores(lam, enc, val, fixed, T, device, mapped):
     """One-step token accuracy on changed tokens when the forward model gets the encoder's
-    code (posterior), the codes shuffled across transitions, the map's code (mapped), or the
-    map's code with the action shuffled (the last two once the map is trained). posterior - shuffled is what the codes carry;
-    posterior - mapped is what they carry that the real action does not (the leak)."""
+    latent action (posterior), the latent actions shuffled across transitions, the map's
+    (mapped), or the map's with the real action shuffled (the last two once the map is
+    trained). posterior - shuffled is what the latent actions carry; posterior - mapped is
+    what they carry that the real action does not (the leak)."""
     lam.eval(), enc.eval()
     tok, act = gather(val, fixed, T + 1, device, actions=True)
     hist, nxt = tok[:, :T], tok[:, T]
@@ -136,27 +139,27 @@ def scores(lam, enc, val, fixed, T, device, mapped):
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(post), generator=g).to(device)
 
-    def acc(code):
-        right = lam.dynamics(hist, code).argmax(1) == nxt
+    def acc(latent_action):
+        right = lam.dynamics(hist, latent_action).argmax(1) == nxt
         return right[changed].float().mean().item() if changed.any() else float("nan")
 
-    used = torch.bincount(post, minlength=enc.n_latent).float() / len(post)
+    used = torch.bincount(post, minlength=enc.n_latent_actions).float() / len(post)
     m = {"acc_changed_posterior": acc(post), "acc_changed_shuffled": acc(post[perm]),
          "perplexity": torch.exp(-(used * used.clamp_min(1e-12).log()).sum()).item()}
     if mapped:
-        via_map = lam.latent(hist, act)
-        m.update(acc_changed_mapped=acc(via_map), acc_changed_action_shuffled=acc(lam.latent(hist, act[perm])),
+        via_map = lam.latent_action(hist, act)
+        m.update(acc_changed_mapped=acc(via_map), acc_changed_action_shuffled=acc(lam.latent_action(hist, act[perm])),
                  map_accuracy=(via_map == post).float().mean().item())
     lam.train(), enc.train()
     return m
 
 
 # -----------------------------------------------------------------------------
-# the picture: one start frame, the next frame under each latent code
+# the picture: one start frame, the next frame under each latent action
 
-def code_names(table, meanings):
-    """Each code's label: the real action most likely to get it, P(code | action), so that a
-    frequent action (NOOP in most data) does not name every code."""
+def names(table, meanings):
+    """Each latent action's label: the real action most likely to get it, P(latent | real), so
+    that a frequent action (NOOP in most data) does not name every latent action."""
     t = np.asarray(table, np.float64)
     p = t / np.maximum(t.sum(1, keepdims=True), 1)
     return [f"{meanings[int(p[:, c].argmax())]} {p[:, c].max():.0%}" if t[:, c].sum() else "unused"
@@ -164,15 +167,15 @@ def code_names(table, meanings):
 
 
 @torch.no_grad()
-def code_png(lam, tok, val, T, device, names, path, tries=256):
-    """Row 1: the start frame, then the next frame under each code; row 2: what changed (x3).
-    The start is the validation window where the codes' predictions differ the most."""
-    pool = common.windows(val, T)
+def picture(lam, tok, val, T, device, labels, path, tries=256):
+    """Row 1: the start frame, then the next frame under each latent action; row 2: what
+    changed (x3). The start is the validation window where their predictions differ the most."""
+    pool = common.windows([len(ep["tokens"]) for ep in val], T)
     g = np.random.default_rng(0)
     pick = [pool[i] for i in g.choice(len(pool), min(tries, len(pool)), replace=False)]
     hist = gather(val, pick, T, device)
     nxt = torch.stack([lam.dynamics(hist, torch.full((len(hist),), c, device=device)).argmax(1)
-                       for c in range(lam.n_latent)], 1)  # (B, n, h, w)
+                       for c in range(lam.n_latent_actions)], 1)  # (B, n, h, w)
     spread = (nxt[:, :, None] != nxt[:, None]).flatten(1).sum(1)
     b = int(spread.argmax())
     start = common.to_uint8(tok.decode(hist[b, -1:])).cpu()
@@ -180,7 +183,7 @@ def code_png(lam, tok, val, T, device, names, path, tries=256):
     img = lambda x: common.to_image(x).repeat(3, 0).repeat(3, 1)
     diff = lambda x: np.clip(np.abs(img(x).astype(int) - img(start[0]).astype(int)) * 3, 0, 255).astype(np.uint8)
     cols = [(img(start[0]), np.zeros_like(img(start[0])), "start")]
-    cols += [(img(o), diff(o), f"{c}: {names[c]}") for c, o in enumerate(outs)]
+    cols += [(img(o), diff(o), f"{c}: {labels[c]}") for c, o in enumerate(outs)]
     try:  # a label over each column where pygame can draw text without a display
         import pygame
         pygame.font.init()
@@ -203,6 +206,60 @@ def code_png(lam, tok, val, T, device, names, path, tries=256):
 
 
 # -----------------------------------------------------------------------------
+# stage one: encoder + forward model from frames alone
+
+def stage_one_loss(lam, enc, tok_w, T, K, tf, disc, args):
+    """The encoder names each of the K transitions of the windows from the real frames; the
+    forward model unrolls K steps on its own argmax (scheduled teacher forcing, as
+    train_world.py), conditioned on those latent actions. Tokens that change weigh more; a batch
+    usage-entropy bonus keeps every latent action in use."""
+    B, n = len(tok_w), enc.n_latent_actions
+    onehot, _, prob = enc(torch.cat([tok_w[:, k:k + T] for k in range(K)]), torch.cat([tok_w[:, T + k] for k in range(K)]))
+    onehot = onehot.view(K, B, n)
+    usage = prob.mean(0)  # entropy of the batch's average distribution: 1 when all are used equally
+    loss, hist = args.diversity * (1 + (usage * usage.clamp_min(1e-9).log()).sum() / np.log(n)), tok_w[:, :T]
+    for k in range(K):
+        tgt = tok_w[:, T + k]
+        logits = lam.dynamics(hist, onehot[k])
+        w = 1 + args.changed_weight * (tgt != tok_w[:, T + k - 1]).float()
+        loss = loss + disc[k] * (w * F.cross_entropy(logits, tgt, reduction="none")).sum() / w.sum()
+        keep = torch.rand(B, 1, 1, device=tok_w.device) < tf
+        hist = torch.cat([hist[:, 1:], torch.where(keep, tgt, logits.detach().argmax(1))[:, None]], 1)
+    return loss
+
+
+# -----------------------------------------------------------------------------
+# stage two: the map from the real action (+ recent frames) to the encoder's latent action
+
+def fit_map(lam, enc, map_train, val, T, steps, g, device):
+    """Fit lam.map on labelled episodes; the encoder is frozen and only labels transitions.
+    -> (validation counts of real action x latent action, the accuracy of the best map that
+    sees the action alone (each action -> its most frequent latent action), steps taken)"""
+    enc.eval()
+    n_actions, n = lam.n_actions, lam.n_latent_actions
+    mpool = common.windows([len(ep["tokens"]) for ep in map_train], T + 1)
+    vpool = common.windows([len(ep["tokens"]) for ep in val], T + 1)
+    y, yv = label(enc, map_train, mpool, T, device), label(enc, val, vpool, T, device)
+    act = torch.tensor([int(map_train[i]["actions"][s + T - 1]) for i, s in mpool], dtype=torch.long)
+    actv = torch.tensor([int(val[i]["actions"][s + T - 1]) for i, s in vpool], dtype=torch.long)
+    counts, table = torch.zeros(2, n_actions, n, dtype=torch.long)
+    counts.index_put_((act, y), torch.ones_like(y), accumulate=True)
+    table.index_put_((actv, yv), torch.ones_like(yv), accumulate=True)
+    table_acc = (counts.argmax(1)[actv] == yv).float().mean().item()
+    map_step = 0
+    if steps > 0:
+        mopt = torch.optim.AdamW(lam.map.parameters(), lr=3e-3, weight_decay=0.01)
+        for map_step in tqdm(range(1, steps + 1), desc="map", unit="step", leave=False):
+            j = g.integers(len(mpool), size=256)
+            hist = gather(map_train, [mpool[i] for i in j], T, device)
+            loss = F.cross_entropy(lam.map(hist, act[j].to(device)), y[j].to(device))
+            mopt.zero_grad(set_to_none=True)
+            loss.backward()
+            mopt.step()
+    return table.tolist(), table_acc, map_step
+
+
+# -----------------------------------------------------------------------------
 
 def main():
     args = p.parse_args()
@@ -221,13 +278,11 @@ def main():
     if prev is not None and prev["tokenizer_key"] != tok_key:
         raise common.KitError(f"{out} was trained over another tokenizer than {tok_path}")
     meanings, game, space = tck["action_meanings"], tck["game"], tck["frame_space"]
-    n_latent = args.n_codes if args.n_codes is not None else len(meanings)
-    if prev is not None:
-        n_latent = prev["model_args"]["n_latent"]
-    if n_latent < 2:
-        raise common.KitError(f"--n-codes {n_latent}: a codebook needs at least 2 codes (one code carries no action)")
+    n = prev["model_args"]["n_latent_actions"] if prev is not None else args.latent_actions or len(meanings)
+    if n < 2:
+        raise common.KitError(f"--latent-actions {n}: at least 2 latent actions are needed (one carries no action)")
     T, K = (prev["model_args"]["context"] if prev is not None else args.context), args.rollout
-    if not 0 <= args.map_frames <= T:
+    if args.map_frames > T:
         raise common.KitError(f"--map-frames {args.map_frames}: the map sees 0 to {T} (the context) frames")
 
     # -------------------------------------------------------------------------
@@ -237,13 +292,13 @@ def main():
     def load(folder, actions):
         if folder not in caches:
             caches[folder] = common.token_cache(folder, tok_path, tok, space, device, game, args.skip_bad)
-        codes = caches[folder]
-        files = [f for f in common.episode_files(folder) if os.path.basename(f) in codes]
+        tokens = caches[folder]
+        files = [f for f in common.episode_files(folder) if os.path.basename(f) in tokens]
         tr, va = common.split_episodes(files, args.val_frac, args.seed)
         if not va:
             va = tr[-1:]
             print(f"warning: one episode only in {folder}: validating on training data", file=sys.stderr)
-        ep = lambda f: dict(codes=codes[os.path.basename(f)], **(
+        ep = lambda f: dict(tokens=tokens[os.path.basename(f)], **(
             {"actions": torch.as_tensor(common.load_episode(f, ["actions"])["actions"])} if actions else {}))
         return [ep(f) for f in tr], [ep(f) for f in va]
 
@@ -254,22 +309,22 @@ def main():
         if have != list(meanings) or (prev is not None and have != list(prev["action_meanings"])):
             raise common.KitError(f"{map_data} has actions {have}, the model's game has {list(meanings)}")
     map_train, val = load(map_data, actions=True)
-    pool = common.windows(train, T + K)
-    vpool = common.windows(val, T + 1)
+    pool = common.windows([len(ep["tokens"]) for ep in train], T + K)
+    vpool = common.windows([len(ep["tokens"]) for ep in val], T + 1)
     if not pool or not vpool:
         raise common.KitError(f"episodes are shorter than context + rollout ({T + K} frames): record longer ones")
     g = np.random.default_rng(args.seed)
     pick = np.random.default_rng(1234).choice(len(vpool), min(args.eval_windows, len(vpool)), replace=False)
     fixed = [vpool[i] for i in sorted(pick)]  # frozen validation transitions (seed 003's gold eval)
-    grid = tuple(train[0]["codes"].shape[1:])
-    print(f"data: {sum(len(e['codes']) - 1 for e in train)} transitions of {args.data} (frames only), "
+    grid = tuple(train[0]["tokens"].shape[1:])
+    print(f"data: {sum(len(e['tokens']) - 1 for e in train)} transitions of {args.data} (frames only), "
           f"{len(map_train)} labelled episodes for the map, {len(val)} validation episodes; token grid {grid}")
 
     # -------------------------------------------------------------------------
     # model
-    model_args = dict(arch="lam", n_codes=tok.n_codes, n_actions=len(meanings), n_latent=n_latent, grid=grid,
+    model_args = dict(arch="lam", n_codes=tok.n_codes, n_actions=len(meanings), n_latent_actions=n, grid=grid,
                       context=T, emb=args.emb, dim=args.dim, n_blocks=args.blocks, map_frames=args.map_frames)
-    enc_args = dict(n_codes=tok.n_codes, n_latent=n_latent, context=T, dim=args.enc_dim)
+    enc_args = dict(n_codes=tok.n_codes, n_latent_actions=n, context=T, dim=args.enc_dim)
     if prev is not None:
         model_args = dict(prev["model_args"], map_frames=args.map_frames) if args.map_only else prev["model_args"]
         enc_args = prev["encoder_args"]
@@ -287,46 +342,32 @@ def main():
             opt.load_state_dict(prev["optimizer"])
             print(f"resumed {out} at step {step}")
     n_dyn, n_enc = sum(p.numel() for p in lam.dynamics.parameters()), sum(p.numel() for p in enc.parameters())
-    print(f"model: {n_latent} latent codes; encoder {n_enc / 1e6:.2f}M, forward model {n_dyn / 1e6:.2f}M parameters on {device}")
+    print(f"model: {n} latent actions; encoder {n_enc / 1e6:.2f}M, forward model {n_dyn / 1e6:.2f}M parameters on {device}")
 
     def save():
-        ck = dict(kind="world", model_args=model_args, model=lam.state_dict(), optimizer=opt.state_dict(),
-                  encoder_args=enc_args, encoder=enc.state_dict(), tokenizer_args=tck["model_args"],
-                  tokenizer=tok.state_dict(), tokenizer_path=tok_path, tokenizer_key=tok_key, frame_space=space,
-                  game=game, action_meanings=meanings, step=step, map_step=map_step, args=vars(args),
-                  metrics=metrics, table=table)
-        common.save_checkpoint(out, ck)
+        common.save_checkpoint(out, dict(
+            kind="world", model_args=model_args, model=lam.state_dict(), optimizer=opt.state_dict(),
+            encoder_args=enc_args, encoder=enc.state_dict(), tokenizer_args=tck["model_args"],
+            tokenizer=tok.state_dict(), tokenizer_path=tok_path, tokenizer_key=tok_key, frame_space=space,
+            game=game, action_meanings=meanings, step=step, map_step=map_step, args=vars(args),
+            metrics=metrics, table=table))
 
     # -------------------------------------------------------------------------
-    # stage one: encoder + forward model from frames alone. The encoder names each of the K
-    # transitions from the real frames; the forward model unrolls K steps on its own argmax
-    # (scheduled teacher forcing, as train_world.py), conditioned on those codes.
+    # stage one: encoder + forward model from frames alone
     disc = torch.tensor([args.discount ** k for k in range(K)])
-    disc = disc / disc.sum()
-    t0 = time.time()
+    disc = disc / disc.sum()  # normalized discounted loss (seed 003)
     bar = tqdm(total=args.steps, initial=min(step, args.steps), desc="latent actions", unit="step",
                disable=args.map_only or step >= args.steps)
+    t0 = time.time()
     try:
         while step < args.steps and not args.map_only:
             frac = step / args.steps
             lr = float(args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * frac)))
             for group in opt.param_groups:
                 group["lr"] = lr
-            tf = max(args.teacher_forcing, 1 - frac / 0.3)
+            tf = max(args.teacher_forcing, 1 - frac / 0.3)  # from 1 to its floor over the first 30%
             tok_w = gather(train, [pool[i] for i in g.integers(len(pool), size=args.batch)], T + K, device)
-            B = len(tok_w)
-            onehot, _, prob = enc(torch.cat([tok_w[:, k:k + T] for k in range(K)]),
-                                  torch.cat([tok_w[:, T + k] for k in range(K)]))
-            onehot = onehot.view(K, B, n_latent)
-            usage = prob.mean(0)  # entropy of the batch's average code distribution, 1 when all codes are used equally
-            hist, loss = tok_w[:, :T], args.diversity * (1 + (usage * usage.clamp_min(1e-9).log()).sum() / np.log(n_latent))
-            for k in range(K):
-                tgt = tok_w[:, T + k]
-                logits = lam.dynamics(hist, onehot[k])
-                w = 1 + args.changed_weight * (tgt != tok_w[:, T + k - 1]).float()
-                loss = loss + disc[k] * (w * F.cross_entropy(logits, tgt, reduction="none")).sum() / w.sum()
-                keep = torch.rand(B, 1, 1, device=device) < tf
-                hist = torch.cat([hist[:, 1:], torch.where(keep, tgt, logits.detach().argmax(1))[:, None]], 1)
+            loss = stage_one_loss(lam, enc, tok_w, T, K, tf, disc, args)
             common.check_finite(loss, step, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -345,49 +386,24 @@ def main():
         print(f"interrupted at step {step}: checkpoint saved to {out} (continue with --resume)", file=sys.stderr)
         sys.exit(130)
     bar.close()
+
+    # -------------------------------------------------------------------------
+    # stage two: the map, then the scores with it, and the report
     t1 = time.time()
-
-    # -------------------------------------------------------------------------
-    # stage two: the map from the real action (+ recent frames) to the encoder's code, fit on
-    # labelled episodes; the encoder is frozen and only labels transitions here
-    enc.eval()
-    mpool, mval = common.windows(map_train, T + 1), common.windows(val, T + 1)
-    y, yv = label(enc, map_train, mpool, T, device), label(enc, val, mval, T, device)
-    act = torch.tensor([int(map_train[i]["actions"][s + T - 1]) for i, s in mpool], dtype=torch.long)
-    actv = torch.tensor([int(val[i]["actions"][s + T - 1]) for i, s in mval], dtype=torch.long)
-    counts = torch.zeros(len(meanings), n_latent, dtype=torch.long)
-    counts.index_put_((act, y), torch.ones_like(y), accumulate=True)
-    table = torch.zeros(len(meanings), n_latent, dtype=torch.long)
-    table.index_put_((actv, yv), torch.ones_like(yv), accumulate=True)
-    table_acc = (counts.argmax(1)[actv] == yv).float().mean().item()  # the best map that sees the action alone
-    if args.map_steps > 0:
-        mopt = torch.optim.AdamW(lam.map.parameters(), lr=3e-3, weight_decay=0.01)
-        for map_step in tqdm(range(1, args.map_steps + 1), desc="map", unit="step", leave=False):
-            j = g.integers(len(mpool), size=256)
-            hist = gather(map_train, [mpool[i] for i in j], T, device)
-            loss = F.cross_entropy(lam.map(hist, act[j].to(device)), y[j].to(device))
-            mopt.zero_grad(set_to_none=True)
-            loss.backward()
-            mopt.step()
-    metrics = scores(lam, enc, val, fixed, T, device, mapped=map_step > 0)
-    metrics["table_accuracy"] = table_acc
-    table = table.tolist()
+    table, table_acc, map_step = fit_map(lam, enc, map_train, val, T, args.map_steps, g, device)
+    metrics = dict(scores(lam, enc, val, fixed, T, device, mapped=map_step > 0), table_accuracy=table_acc)
     save()
-
-    # -------------------------------------------------------------------------
-    # report and picture
-    names = code_names(table, meanings)
     os.makedirs(args.assets, exist_ok=True)
     png = os.path.join(args.assets, f"{name}_latent_actions.png")
-    code_png(lam, tok, val, T, device, names, png)
-    print("validation transitions, real action x latent code (the encoder's):")
+    picture(lam, tok, val, T, device, names(table, meanings), png)
+    print("validation transitions, real action x latent action (the encoder's):")
     w = max(len(m) for m in meanings)
-    print(" " * w + "".join(f"{c:>7}" for c in range(n_latent)))
+    print(" " * w + "".join(f"{c:>7}" for c in range(n)))
     for a, row in enumerate(table):
         print(f"{meanings[a]:>{w}}" + "".join(f"{v:>7}" for v in row))
     print("  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-    print(f"stage one {step} steps in {(t1 - t0) / 60:.1f} min, map {map_step} steps in {(time.time() - t1) / 60:.1f} min; "
-          f"wrote {out} and {png}")
+    print(f"stage one {step} steps in {(t1 - t0) / 60:.1f} min, map {map_step} steps in {(time.time() - t1) / 60:.1f} "
+          f"min; wrote {out} and {png}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,16 @@
-"""train_vqvae.py -- the discrete tokenizer: frames -> a grid of codebook indices.
+"""train_vqvae.py -- the discrete tokenizer: frames -> a grid of codebook indices (tokens).
 
 The seed-003 VQ-VAE (conv encoder, EMA codebook with dead-code reset, nearest-upsample
-decoder) with CPU-sized widths. Logs reconstruction loss, validation PSNR, codebook usage
-and perplexity; writes a real-vs-reconstruction PNG to assets/ and the token cache that
-train_world.py reads (data/<game>/tokens.npz, keyed by this checkpoint).
+decoder) with CPU-sized widths. Logs reconstruction loss, validation PSNR, codebook usage,
+perplexity and stability; writes a real-vs-reconstruction PNG to assets/ and the token cache
+that train_world.py reads (data/<game>/tokens.npz, keyed by this checkpoint).
 
 Examples:
   python train_vqvae.py                                    # data/pong -> checkpoints/pong/vqvae.pt
   python train_vqvae.py --data data/breakout --steps 3000 --codes 128
-  python train_vqvae.py --frame-space gray84x84 --hidden 32 --latent 128 --down 2
+  python train_vqvae.py --frame-space gray84x84 --hidden 32 --code-dim 128 --down 2
   python train_vqvae.py --resume                           # continue from --out
 """
-import argparse
 import os
 import sys
 import time
@@ -27,29 +26,33 @@ import common
 # -----------------------------------------------------------------------------
 # flags
 
-p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p = common.flags(__doc__)
 p.add_argument("--data", default="data/pong", help="folder of episodes from collect.py")
 p.add_argument("--out", default=None, help="checkpoint path (default: checkpoints/<data name>/vqvae.pt)")
 p.add_argument("--frame-space", default="rgb84x64", choices=list(common.FRAME_SPACES), help="preprocessing of raw frames")
-p.add_argument("--hidden", type=int, default=16, help="channels of the full-resolution conv layers")
-p.add_argument("--latent", type=int, default=32, help="channels at the token grid, and the code dimension")
-p.add_argument("--codes", type=int, default=64, help="codebook size (seed 003: 32)")
-p.add_argument("--down", type=int, default=2, help="stride-2 stages: token grid = frame / 2^down (84x64 -> 21x16)")
-p.add_argument("--steps", type=int, default=800, help="optimizer steps")
-p.add_argument("--batch", type=int, default=32, help="frames per batch")
-p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
-p.add_argument("--beta", type=float, default=0.25, help="commitment loss weight (van den Oord et al. 2017)")
-p.add_argument("--fg-weight", type=float, default=20.0,
+p.add_argument("--hidden", type=common.positive_int, default=16, help="channels of the full-resolution conv layers")
+p.add_argument("--code-dim", type=common.positive_int, default=32,
+               help="channels at the token grid: the size of each codebook vector")
+p.add_argument("--codes", type=common.positive_int, default=64, help="codebook size (seed 003: 32)")
+p.add_argument("--down", type=common.positive_int, default=2,
+               help="stride-2 stages: token grid = frame / 2^down (84x64 -> 21x16)")
+p.add_argument("--steps", type=common.positive_int, default=800, help="optimizer steps")
+p.add_argument("--batch", type=common.positive_int, default=32, help="frames per batch")
+p.add_argument("--lr", type=common.positive_float, default=2e-3, help="AdamW learning rate")
+p.add_argument("--beta", type=common.nonneg_float, default=0.25, help="commitment loss weight (van den Oord et al. 2017)")
+p.add_argument("--fg-weight", type=common.nonneg_float, default=20.0,
                help="extra loss weight on pixels that differ from the median frame: the ball is 0.1%% of a Pong frame")
-p.add_argument("--reset-every", type=int, default=100, help="re-seed dead codes every N steps (seed 003: 500 at larger batches)")
-p.add_argument("--eval-every", type=int, default=200, help="validation and checkpoint every N steps")
-p.add_argument("--val-frac", type=float, default=0.1, help="fraction of episodes held out (split by episode)")
+p.add_argument("--reset-every", type=common.positive_int, default=100,
+               help="re-seed dead codes every N steps (seed 003: 500 at larger batches)")
+p.add_argument("--eval-every", type=common.positive_int, default=200, help="validation and checkpoint every N steps")
+p.add_argument("--val-frac", type=common.probability, default=0.1, help="fraction of episodes held out (split by episode)")
 p.add_argument("--seed", type=int, default=0, help="random seed")
 p.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
 p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on CUDA, not on CPU)")
 p.add_argument("--resume", action="store_true", help="continue from --out with its optimizer and step")
 p.add_argument("--skip-bad", action="store_true", help="skip unreadable episode files instead of stopping")
 p.add_argument("--assets", default="assets", help="where the reconstruction PNG goes")
+common.renamed(p, "--latent", "--code-dim", type=common.positive_int)
 
 
 # -----------------------------------------------------------------------------
@@ -72,19 +75,18 @@ def evaluate(model, val, device, batch=256):
     (a flip there is noise the world model would have to predict). `val` holds frame pairs."""
     model.eval()
     mse, counts, stable = [], torch.zeros(model.n_codes), []
-    for i in range(0, len(val), batch):
-        x = val[i:i + batch].to(device)
+    for x in val.split(batch):
+        x = x.to(device)
         rec, idx, _, _ = model(x)
-        mse.append(((common.to_uint8(rec).float() - x.float()) ** 2).mean((1, 2, 3)).cpu())
+        mse.append(common.frame_mse(common.to_uint8(rec), x).cpu())
         counts += torch.bincount(idx.flatten().cpu(), minlength=model.n_codes)
         still = F.max_pool2d((x[0::2] != x[1::2]).any(1, keepdim=True).float(), 2 ** model.down)[:, 0] == 0
         stable.append((idx[0::2] == idx[1::2])[still].float().cpu())
     model.train()
-    mse = torch.cat(mse)
-    psnr = (10 * torch.log10(255 ** 2 / mse.clamp_min(1e-3))).mean().item()
     prob = counts / counts.sum()
     perplexity = torch.exp(-(prob[prob > 0] * prob[prob > 0].log()).sum()).item()
-    return psnr, int((counts > 0).sum()), perplexity, torch.cat(stable).mean().item()
+    return dict(val_psnr=common.psnr(torch.cat(mse)).mean().item(), codes_used=int((counts > 0).sum()),
+                perplexity=perplexity, stability=torch.cat(stable).mean().item())
 
 
 def main():
@@ -103,31 +105,25 @@ def main():
     V = torch.cat([ep["frames"] for ep in (val or train)])
     pairs = torch.linspace(0, len(V) - 2, min(len(V) - 1, 512)).long()
     V = torch.stack([V[pairs], V[pairs + 1]], 1).flatten(0, 1)  # consecutive frames, for stability
-    bg = X[torch.randperm(len(X))[:2000]].float().median(0).values  # the static background
+    bg = X[torch.randperm(len(X))[:2000]].float().median(0).values.to(device)  # the static background
     print(f"data: {len(X)} train frames ({len(train)} episodes), {len(V)} val frames ({len(val)} episodes), "
           f"{meta['game']}, {args.frame_space}")
 
     # -------------------------------------------------------------------------
     # model
     C = common.frame_shape(args.frame_space)[2]
-    model_args = dict(in_ch=C, hidden=args.hidden, latent=args.latent, n_codes=args.codes, down=args.down)
+    model_args = dict(in_ch=C, hidden=args.hidden, code_dim=args.code_dim, n_codes=args.codes, down=args.down)
     model = common.VQVAE(**model_args).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    step = 0
+    step, metrics = 0, {}
     if args.resume:
-        ck = common.load_checkpoint(out, ("vqvae",))
-        if ck["model_args"] != model_args or ck["frame_space"] != args.frame_space:
-            raise common.KitError(f"--resume: {out} was trained with other model flags ({ck['model_args']})")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        step = ck["step"]
-        print(f"resumed {out} at step {step}")
+        _, step, metrics = common.resume(out, "vqvae", model, opt, model_args=model_args, frame_space=args.frame_space)
     fwd = torch.compile(model) if args.compile else model
     os.makedirs(args.assets, exist_ok=True)
     png = os.path.join(args.assets, f"{name}_vqvae_recon.png")
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
 
-    def save(metrics):
+    def save():
         common.save_checkpoint(out, dict(
             kind="vqvae", model_args=model_args, model=model.state_dict(), optimizer=opt.state_dict(),
             frame_space=args.frame_space, game=meta["game"], action_meanings=meta["action_meanings"],
@@ -137,12 +133,11 @@ def main():
     # loop
     g = torch.Generator().manual_seed(args.seed)
     bar = tqdm(total=args.steps, initial=step, desc="vqvae", unit="step")
-    metrics, t0 = {}, time.time()
+    t0 = time.time()
     try:
         while step < args.steps:
-            x = X[torch.randint(len(X), (args.batch,), generator=g)]
+            x = X[torch.randint(len(X), (args.batch,), generator=g)].to(device)
             w = 1 + args.fg_weight * ((x.float() - bg).abs().amax(1, keepdim=True) > 12).float()
-            x, w = x.to(device), w.to(device)
             lr = args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / args.steps))
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -155,20 +150,20 @@ def main():
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{recon.item():.4f}")
             if step % args.reset_every == 0 and step < 0.8 * args.steps:
                 model.quantizer.reset_dead(z.detach(), F.max_pool2d(w - 1, 2 ** args.down)[:, 0])
             if step % args.eval_every == 0 or step == args.steps:
-                psnr, used, ppl, stable = evaluate(model, V, device)
-                metrics = dict(recon=recon.item(), val_psnr=psnr, codes_used=used, perplexity=ppl, stability=stable)
-                tqdm.write(f"step {step}: recon {recon.item():.5f}  val PSNR {psnr:.2f} dB  "
-                           f"codes used {used}/{args.codes}  perplexity {ppl:.1f}  stability {stable:.3f}")
-                save(metrics)
+                metrics = dict(recon=recon.item(), **evaluate(model, V, device))
+                tqdm.write(f"step {step}: recon {recon.item():.5f}  val PSNR {metrics['val_psnr']:.2f} dB  codes used "
+                           f"{metrics['codes_used']}/{args.codes}  perplexity {metrics['perplexity']:.1f}  "
+                           f"stability {metrics['stability']:.3f}")
+                save()
                 recon_grid(model, V, png, device)
-            bar.update(1)
-            bar.set_postfix(loss=f"{recon.item():.4f}")
     except KeyboardInterrupt:
         bar.close()
-        save(metrics)
+        save()
         print(f"interrupted at step {step}: checkpoint saved to {out} (continue with --resume)", file=sys.stderr)
         sys.exit(130)
     bar.close()
@@ -177,8 +172,8 @@ def main():
     # outputs: the token cache (the reconstruction grid is written at every eval)
     files = common.episode_files(args.data)
     common.token_cache(args.data, out, model, args.frame_space, device, meta["game"], args.skip_bad)
-    print(f"trained {step} steps in {(time.time() - t0) / 60:.1f} min: val PSNR {metrics.get('val_psnr', float('nan')):.2f} dB, "
-          f"{metrics.get('codes_used')} codes used; wrote {out}, {png} and the token cache for {len(files)} episodes")
+    print(f"trained {step} steps in {(time.time() - t0) / 60:.1f} min: val PSNR {metrics.get('val_psnr', float('nan')):.2f} "
+          f"dB, {metrics.get('codes_used')} codes used; wrote {out}, {png} and the token cache for {len(files)} episodes")
 
 
 if __name__ == "__main__":

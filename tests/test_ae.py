@@ -1,7 +1,7 @@
-"""The continuous path end to end: train_ae -> train_world over latents -> load_world -> step,
-for the seed-000 AE + MLP (gray84x84) and the seed-004 stacked VAE + GRU (gray64x64, stack 4),
-with tiny nets and budgets; checkpoint round trip, play.py and bench.py on a latent world,
-the VAE's KL term, and bad input as one error line."""
+"""The continuous path end to end: train_ae (autoencoder, then latent dynamics) -> load_world ->
+step, for the seed-000 AE + MLP (gray84x84) and the seed-004 stacked VAE + GRU (gray64x64,
+stack 4), each one command with tiny nets and budgets; checkpoint round trip, resume, play.py
+and bench.py on a latent world, the VAE's KL term, and bad input as one error line."""
 import shutil
 
 import numpy as np
@@ -12,7 +12,8 @@ import common
 from conftest import describe, first_frames, run_script
 
 AE = ("--steps", "3", "--eval-every", "3", "--batch", "4", "--hidden", "8", "--fc", "32")
-WORLD = ("--steps", "3", "--eval-every", "3", "--eval-windows", "4", "--gif-steps", "5", "--batch", "4", "--hidden", "32")
+DYN = ("--dynamics-steps", "3", "--dynamics-eval-every", "3", "--eval-windows", "4", "--gif-steps", "5",
+       "--dynamics-batch", "4", "--dynamics-dim", "32")
 PONG_MEANINGS = ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]
 
 
@@ -24,18 +25,16 @@ def latent(pong_data, tmp_path_factory):
     data = tmp / "pong"
     shutil.copytree(pong_data, data)
     paths = dict(tmp=tmp, data=data)
-    runs = (("ae", ("--frame-space", "gray84x84", "--latent-dim", "16"), ("--dynamics", "mlp")),
-            ("vae", ("--kind", "vae", "--frame-space", "gray64x64", "--stack", "4", "--latent-dim", "8"), ("--dynamics", "gru")))
+    runs = (("ae", ("--frame-space", "gray84x84", "--latent-dim", "16", "--dynamics", "mlp")),
+            ("vae", ("--vae", "--frame-space", "gray64x64", "--stack", "4", "--latent-dim", "8", "--dynamics", "gru")))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
-        for kind, ae_flags, world_flags in runs:
+        for kind, flags in runs:
             ae, world = tmp / f"{kind}.pt", tmp / f"world_{kind}.pt"
-            r = run_script("train_ae.py", "--data", data, "--out", ae, "--assets", tmp, *AE, *ae_flags)
+            r = run_script("train_ae.py", "--data", data, "--out", ae, "--world-out", world, "--assets", tmp,
+                           *AE, *DYN, *flags)
             assert r.returncode == 0, describe(r)
             assert "val PSNR" in r.stdout and "ball within 8 px" in r.stdout
-            r = run_script("train_world.py", "--data", data, "--tokenizer", ae, "--out", world, "--assets", tmp,
-                           *WORLD, *world_flags)
-            assert r.returncode == 0, describe(r)
             assert "latent_mse@10" in r.stdout and "action_px" in r.stdout and "psnr@30" in r.stdout
             assert "paddle_px@10" in r.stdout
             paths[kind], paths[f"world_{kind}"] = ae, world
@@ -130,29 +129,33 @@ def test_vae_kl_term_present_and_finite():
 # -----------------------------------------------------------------------------
 # bad input: one line, non-zero exit, no traceback
 
-def test_wrong_tokenizer_kind_for_the_flags(latent, tmp_path):
-    vq = tmp_path / "vq.pt"
-    args = dict(in_ch=3, hidden=4, latent=4, n_codes=4, down=2)
-    common.save_checkpoint(vq, dict(kind="vqvae", model_args=args, model=common.VQVAE(**args).state_dict(),
-                                    frame_space="rgb84x64", game="ALE/Pong-v5", action_meanings=PONG_MEANINGS,
-                                    step=0, args={}, metrics={}))
-    r = run_script("train_world.py", "--data", latent["data"], "--tokenizer", vq, "--dynamics", "gru", "--out", tmp_path / "w.pt")
-    one_line_error(r, "--dynamics gru", "VQ-VAE")
-    r = run_script("train_world.py", "--data", latent["data"], "--tokenizer", latent["ae"], "--arch", "attn", "--out", tmp_path / "w.pt")
-    one_line_error(r, "--arch attn", "autoencoder")
+def test_an_autoencoder_is_not_a_token_world_tokenizer(latent, tmp_path):
+    r = run_script("train_world.py", "--data", latent["data"], "--tokenizer", latent["ae"], "--out", tmp_path / "w.pt")
+    one_line_error(r, "is a 'ae' checkpoint; expected vqvae")
+
+
+def test_resume_continues_both_stages(latent, tmp_path):
+    ae, world = tmp_path / "ae.pt", tmp_path / "world.pt"
+    shutil.copy(latent["ae"], ae)
+    shutil.copy(latent["world_ae"], world)
+    r = run_script("train_ae.py", "--data", latent["data"], "--out", ae, "--world-out", world, "--assets", tmp_path,
+                   "--resume", *AE, *DYN, "--frame-space", "gray84x84", "--latent-dim", "16", "--dynamics-steps", "5")
+    assert r.returncode == 0, describe(r)
+    assert f"resumed {world} at step 3" in r.stdout and "autoencoder: 3 steps" in r.stdout  # stage one was done
+    assert common.load_checkpoint(world)["step"] == 5
 
 
 def test_resume_over_another_latent_size(latent, tmp_path):
     world = tmp_path / "world.pt"
     shutil.copy(latent["world_ae"], world)  # 16-D latents; vae.pt makes 8-D ones
-    r = run_script("train_world.py", "--data", latent["data"], "--tokenizer", latent["vae"], "--out", world,
-                   "--resume", *WORLD)
-    one_line_error(r, "--resume", "16-D", "8-D")
+    r = run_script("train_ae.py", "--data", latent["data"], "--out", latent["vae"], "--world-out", world, "--resume",
+                   *AE, *DYN, "--vae", "--frame-space", "gray64x64", "--stack", "4", "--latent-dim", "8")
+    one_line_error(r, "--resume", "'latent_dim': 16", "'latent_dim': 8")
 
 
 def test_context_shorter_than_stack(latent, tmp_path):
-    r = run_script("train_world.py", "--data", latent["data"], "--tokenizer", latent["vae"], "--context", "2",
-                   "--out", tmp_path / "w.pt", *WORLD)
+    r = run_script("train_ae.py", "--data", latent["data"], "--vae", "--stack", "4", "--context", "2",
+                   "--out", tmp_path / "v.pt", *AE, *DYN)
     one_line_error(r, "--context 2", "4 frames")
 
 

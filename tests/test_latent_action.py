@@ -1,5 +1,5 @@
 """Latent actions end to end (train_vqvae -> train_latent_action -> load_world -> step and
-step_latent -> play.py --latent), the proof that stage one never reads the recorded actions,
+step_latent_action -> play.py --latent-actions), the proof that stage one never reads the recorded actions,
 and bad input."""
 import shutil
 
@@ -33,34 +33,34 @@ def test_outputs_and_report(lam):
     for word in ("map_accuracy", "table_accuracy", "acc_changed_posterior", "acc_changed_shuffled", "acc_changed_mapped"):
         assert word in out, word
     ck = common.load_checkpoint(lam["out"], ("world",))
-    assert ck["model_args"]["arch"] == "lam" and ck["model_args"]["n_latent"] == 6  # Pong's 6 actions by default
+    assert ck["model_args"]["arch"] == "lam" and ck["model_args"]["n_latent_actions"] == 6  # Pong's 6 actions by default
     assert ck["step"] == 6 and ck["map_step"] == 20
     table = np.array(ck["table"])
-    assert table.shape == (6, 6) and table.sum() > 0  # real action x latent code counts on validation
+    assert table.shape == (6, 6) and table.sum() > 0  # real action x latent action counts on validation
 
 
 def test_world_contract(lam):
     wm = common.load_world(lam["out"])
-    assert isinstance(wm, common.LatentActionWorld) and wm.context == 4 and wm.n_actions == 6 and wm.n_latent == 6
+    assert isinstance(wm, common.LatentActionWorld) and wm.context == 4 and wm.n_actions == 6 and wm.n_latent_actions == 6
     wm.reset(first_frames(wm))
-    frames = [wm.step(a) for a in range(6)] + [wm.step_latent(c) for c in range(6)]
+    frames = [wm.step(a) for a in range(6)] + [wm.step_latent_action(c) for c in range(6)]
     assert all(f.shape == (84, 64, 3) and f.dtype == np.uint8 for f in frames)
     with pytest.raises(common.KitError):
-        wm.step_latent(6)
+        wm.step_latent_action(6)
     with pytest.raises(common.KitError):
         wm.step(6)
 
 
 def test_map_is_the_only_user_of_actions(lam):
-    # the map's code drives the forward model exactly as firing that code does
+    # the map's latent action drives the forward model exactly as firing it does
     wm = common.load_world(lam["out"])
     frames = first_frames(wm)
     wm.reset(frames)
     with torch.inference_mode():
-        code = int(wm.dyn.latent(wm.hist, torch.tensor([2])))
+        latent = int(wm.dyn.latent_action(wm.hist, torch.tensor([2])))
     a = wm.step(2)
     wm.reset(frames)
-    assert np.array_equal(a, wm.step_latent(code))
+    assert np.array_equal(a, wm.step_latent_action(latent))
 
 
 def test_encoder_never_receives_recorded_actions(lam, tmp_path):
@@ -89,14 +89,14 @@ def test_encoder_never_receives_recorded_actions(lam, tmp_path):
     assert any(not torch.equal(ca["model"][k], cb["model"][k]) for k in maps)
 
 
-def test_without_map_steps_only_codes_play(lam, tmp_path):
+def test_without_map_steps_only_latent_actions_play(lam, tmp_path):
     out = tmp_path / "nomap.pt"
     r = run_script("train_latent_action.py", "--data", lam["data"], "--tokenizer", lam["vq"], "--out", out,
                    "--assets", tmp_path, *LAM[:-4], "--map-steps", "0", "--eval-windows", "8")
     assert r.returncode == 0, describe(r)
     wm = common.load_world(out)
     wm.reset(first_frames(wm))
-    assert wm.step_latent(1).shape == (84, 64, 3)
+    assert wm.step_latent_action(1).shape == (84, 64, 3)
     with pytest.raises(common.KitError, match="no map"):
         wm.step(0)
     # --map-only fits the map onto the same encoder and forward model
@@ -110,18 +110,19 @@ def test_without_map_steps_only_codes_play(lam, tmp_path):
 
 
 def test_play_latent_gif(lam, tmp_path):
-    gif = tmp_path / "codes.gif"
-    r = run_script("play.py", "--world", lam["out"], "--latent", "--gif", gif, "--steps", "6", "--actions", "0,1,5")
+    gif = tmp_path / "latent.gif"
+    r = run_script("play.py", "--world", lam["out"], "--latent-actions", "--gif", gif, "--steps", "6", "--actions", "0,1,5")
     assert r.returncode == 0, describe(r)
     import imageio.v2 as imageio
     assert len(imageio.mimread(gif)) == 6
-    r = run_script("play.py", "--world", lam["out"], "--latent", "--benchmark", "5")
+    r = run_script("play.py", "--world", lam["out"], "--latent-actions", "--benchmark", "5")
     assert r.returncode == 0 and "shadow off" in r.stdout, describe(r)
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--n-codes", "1"), "at least 2 codes"),
-    (("--n-codes", "0"), "at least 2 codes"),
+    (("--latent-actions", "1"), "at least 2 latent actions"),
+    (("--latent-actions", "0"), "--latent-actions: must be positive"),
+    (("--n-codes", "1"), "at least 2 latent actions"),  # the old name, for one release
     (("--map-frames", "5"), "the map sees 0 to 4"),
 ])
 def test_bad_codebook(lam, tmp_path, args, message):
@@ -147,14 +148,14 @@ def test_bad_inputs(lam, tmp_path):
     r = run_script("train_latent_action.py", "--data", lam["data"], "--out", lam["out"], "--map-only",
                    "--map-data", breakout)
     assert r.returncode != 0 and "has actions" in r.stderr and "Traceback" not in r.stderr, describe(r)
-    # no tokenizer yet; --latent on a world that has no latent codes
+    # no tokenizer yet; --latent-actions on a world that has none
     r = run_script("train_latent_action.py", "--data", tmp_path / "no_tokenizer_for_this", "--out", tmp_path / "x.pt")
     assert r.returncode != 0 and "train_vqvae.py" in r.stderr, describe(r)
     world = tmp_path / "w.pt"
     r = run_script("train_world.py", "--data", lam["data"], "--tokenizer", lam["vq"], "--out", world, "--assets", tmp_path,
                    "--steps", "2", "--eval-every", "2", "--eval-windows", "2", "--gif-steps", "3", "--batch", "2")
     assert r.returncode == 0, describe(r)
-    r = run_script("play.py", "--world", world, "--latent", "--gif", tmp_path / "x.gif", "--steps", "2")
+    r = run_script("play.py", "--world", world, "--latent-actions", "--gif", tmp_path / "x.gif", "--steps", "2")
     assert r.returncode != 0 and "latent-action model" in r.stderr, describe(r)
 
 

@@ -31,7 +31,7 @@ def tiny(pong_data, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")  # tiny batches on a shared 2-core machine: threads only contend
         proc = run_script("train_vqvae.py", "--data", data, "--steps", 5, "--eval-every", 5, "--batch", 4,
-                          "--hidden", 8, "--latent", 16, "--codes", 16, "--out", out / "vq.pt", "--assets", out)
+                          "--hidden", 8, "--code-dim", 16, "--codes", 16, "--out", out / "vq.pt", "--assets", out)
         assert proc.returncode == 0, describe(proc)
         proc = run_script("train_world.py", "--data", data, "--tokenizer", out / "vq.pt", "--out", out / "world.pt",
                           "--steps", 4, "--eval-every", 4, "--eval-windows", 4, "--gif-steps", 5, "--assets", out,
@@ -128,33 +128,33 @@ def test_keys_drive_the_dream(session, pg):
 
 
 class StubLatentWorld(StubWorld):
-    """A latent-action world: step_latent(code) paints 40 * (code + 1) and is recorded too."""
-    n_latent, mapped = 4, True
+    """A latent-action world: step_latent_action(i) paints 40 * (i + 1) and is recorded too."""
+    n_latent_actions, mapped = 4, True
 
     def __init__(self):
         super().__init__()
-        self.codes = []
+        self.latent = []
 
-    def step_latent(self, code):
-        self.codes.append(code)
-        return np.full((42, 32, 3), 40 * (code + 1), np.uint8)
+    def step_latent_action(self, i):
+        self.latent.append(i)
+        return np.full((42, 32, 3), 40 * (i + 1), np.uint8)
 
 
-def test_number_keys_fire_latent_codes(pg):
+def test_number_keys_fire_latent_actions(pg):
     wm, env = StubLatentWorld(), common.make_env("Pong", seed=0)
-    args = play.p.parse_args(["--latent"])
-    args.shadow = False  # main() does this for --latent: a real game cannot take a code
+    args = play.p.parse_args(["--latent-actions"])
+    args.shadow = False  # main() does this for --latent-actions: a real game cannot take a latent action
     s = play.Session(wm, env, args)
     frame(s)
-    assert wm.actions == [0] and wm.codes == []  # no key: the real NOOP through the map
+    assert wm.actions == [0] and wm.latent == []  # no key: the real NOOP through the map
     frame(s, (pg.KEYDOWN, pg.K_2))
-    assert wm.codes == [2] and (play.canvas(s) == 120).all()
+    assert wm.latent == [2] and (play.canvas(s) == 120).all()
     frame(s)
-    assert wm.codes == [2, 2]  # held until KEYUP
+    assert wm.latent == [2, 2]  # held until KEYUP
     frame(s, (pg.KEYDOWN, pg.K_UP))
-    assert wm.codes[-1] == 2 and wm.actions == [0]  # arrows are not codes in --latent
+    assert wm.latent[-1] == 2 and wm.actions == [0]  # arrows are not latent actions
     frame(s, (pg.KEYUP, pg.K_2), (pg.KEYDOWN, pg.K_9))
-    assert len(wm.actions) == 2 and wm.codes == [2, 2, 2]  # 9 is no code of a 4-code model: NOOP
+    assert len(wm.actions) == 2 and wm.latent == [2, 2, 2]  # 9 is none of a 4-latent-action model: NOOP
     assert "KEYS 0-3" in play.latent_legend(wm)
     env.close()
 
@@ -345,15 +345,17 @@ BAD_INPUT = [  # (arguments, the expected error line's text; None: argparse's us
     pytest.param(["--warmup", "1"], "needs at least 3 steps", id="warmup-too-short"),
     pytest.param(["--gif", "{tmp}/d.png"], "must end in .gif", id="gif-name"),
     pytest.param(["--gif", "/proc/d.gif"], "cannot write /proc/d.gif", id="gif-in-proc"),
-    pytest.param(["--steps", "0"], "--steps must be positive", id="zero-steps"),
-    pytest.param(["--scale", "0"], "--scale must be positive", id="zero-scale"),
-    pytest.param(["--gif", None, "--benchmark", "0"], "--benchmark must be positive", id="zero-benchmark"),
+    pytest.param(["--steps", "0"], "--steps: must be positive", id="zero-steps"),
+    pytest.param(["--scale", "0"], "--scale: must be positive", id="zero-scale"),
+    pytest.param(["--gif", None, "--benchmark", "0"], "--benchmark: must be positive", id="zero-benchmark"),
+    pytest.param(["--world", "{tmp}/empty.pt"], "cannot read checkpoint", id="empty-file"),
 ]
 
 
 @pytest.mark.parametrize("args,message", BAD_INPUT)
 def test_bad_input_is_one_error_line(tiny, tmp_path, monkeypatch, capfd, args, message):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "empty.pt").write_bytes(b"")
     # defaults: the tiny world, headless into tmp; a None value drops its flag
     given = dict(zip(args[::2], args[1::2]))
     flags = {"--world": "{world}", "--gif": "{tmp}/d.gif", "--steps": "3", **given}
