@@ -35,7 +35,8 @@ p.add_argument("--device", default="cpu", help="world: device for the speed test
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="world: also time torch.compile")
 p.add_argument("--threads", type=common.positive_int, default=1,
                help="world: torch threads (play.py's default: a batch-1 step barely splits)")
-p.add_argument("--speed-steps", type=common.positive_int, default=300, help="world: wm.step calls timed for the speed test")
+p.add_argument("--speed-steps", type=common.positive_int, default=300,
+               help="world: wm.step calls timed for the speed test")
 
 
 # -----------------------------------------------------------------------------
@@ -91,7 +92,8 @@ def bench_world(args):
     frames = torch.stack([common.preprocess(eps[i]["frames"][s:s + T + H], wm.space) for i, s in picks])
     actions = torch.stack([torch.as_tensor(eps[i]["actions"][s + T - 1:s + T - 1 + H]) for i, s in picks])
     m = common.open_loop(wm, frames, actions)
-    print(f"world {args.world} ({ck['step']} steps), {len(picks)} validation windows from {len(val)} episodes of {args.data}")
+    print(f"world {args.world} ({ck['step']} steps), {len(picks)} validation windows from {len(val)} episodes "
+          f"of {args.data}")
     print("| horizon | dream PSNR (dB) | copy-last PSNR (dB) |\n|---|---|---|")
     for h in common.HORIZONS:
         print(f"| {h} | {m[f'psnr@{h}']:.2f} | {m[f'copy_psnr@{h}']:.2f} |")

@@ -38,7 +38,8 @@ p.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical 
 p.add_argument("--out", default=None, help="output folder (default: data/<game>)")
 p.add_argument("--max-episode-steps", type=common.positive_int, default=1000,
                help="truncate longer episodes; short episodes give more varied starts and a real validation split")
-p.add_argument("--sticky", type=common.probability, default=0.0, help="sticky-action probability (0.25 in Machado et al. 2018)")
+p.add_argument("--sticky", type=common.probability, default=0.0,
+               help="sticky-action probability (0.25 in Machado et al. 2018)")
 p.add_argument("--fps", type=common.positive_int, default=15, help="human policy: frames per second")
 p.add_argument("--scale", type=common.positive_int, default=3, help="human policy: window scale")
 
@@ -89,7 +90,8 @@ def main():
         mix = tuple(float(w) for w in args.mix.split(","))
         assert len(mix) == 3 and all(math.isfinite(w) and w >= 0 for w in mix)
     except (ValueError, AssertionError):
-        raise common.KitError(f"--mix wants three non-negative weights tracker,sticky,random, got '{args.mix}'") from None
+        raise common.KitError(f"--mix wants three non-negative weights tracker,sticky,random, got '{args.mix}'") \
+            from None
     env = common.make_env(args.game, sticky=args.sticky)
     out = args.out or os.path.join("data", env.game[4:-3].lower())
     try:

@@ -642,6 +642,29 @@ def latent_cache(data_dir, ae_path, ae, space, device, game, skip_bad=False, bat
     return {k: torch.from_numpy(v) for k, v in cached.items()}
 
 
+def coded_episodes(folder, codes, key, space=None, val_frac=0.1, seed=0, actions=True):
+    """The episodes of `folder` that have codes in a cache ({file name: codes}, as token_cache and
+    latent_cache return), split by episode as the tokenizer was: (train, val), lists of dicts
+    with the codes under `key`, the actions (N,) unless actions=False, and, for validation
+    episodes when `space` is given, the frames preprocessed to it (dreams are scored on them)."""
+    files = [f for f in episode_files(folder) if os.path.basename(f) in codes]
+    train_f, val_f = split_episodes(files, val_frac, seed)
+    if not val_f:
+        val_f = train_f[-1:]
+        print(f"warning: one episode only in {folder}: validating on training data", file=sys.stderr)
+
+    def episode(f, frames):
+        keys = ["actions"] * actions + ["frames"] * frames
+        ep, out = load_episode(f, keys) if keys else {}, {key: codes[os.path.basename(f)]}
+        if actions:
+            out["actions"] = torch.as_tensor(ep["actions"])
+        if frames:
+            out["frames"] = preprocess(ep["frames"], space)
+        return out
+
+    return [episode(f, False) for f in train_f], [episode(f, space is not None) for f in val_f]
+
+
 def windows(lengths, length):
     """(episode index, start) of every run of `length` consecutive entries in sequences of the
     given lengths: the training and evaluation windows of the dynamics scripts."""

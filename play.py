@@ -42,27 +42,34 @@ p = common.flags(__doc__)
 p.add_argument("--world", default="checkpoints/pong/world.pt", help="world-model checkpoint from train_world.py")
 p.add_argument("--seed", type=int, default=0, help="env reset seed of the start; R restarts with seed+1, seed+2, ...")
 p.add_argument("--warmup", type=common.nonneg_int, default=None,
-               help="NOOP steps before the dream starts, at least context - 1 (for context real frames); None: that minimum")
+               help="NOOP steps before the dream starts, at least context - 1 (for context real frames); "
+                    "None: that minimum")
 p.add_argument("--shadow", action=argparse.BooleanOptionalAction, default=True,
                help="run the real emulator beside the dream with the same actions")
-p.add_argument("--fps", type=common.positive_float, default=15, help="frames per second of the window and of GIFs (the data's rate)")
-p.add_argument("--scale", type=common.positive_int, default=None, help="screen pixels per model pixel; None: 6 in the window, 3 in GIFs")
-p.add_argument("--record", default=None, help="window: also save what is shown, at scale 3 (.gif; .mp4 needs imageio[ffmpeg])")
+p.add_argument("--fps", type=common.positive_float, default=15,
+               help="frames per second of the window and of GIFs (the data's rate)")
+p.add_argument("--scale", type=common.positive_int, default=None,
+               help="screen pixels per model pixel; None: 6 in the window, 3 in GIFs")
+p.add_argument("--record", default=None,
+               help="window: also save what is shown, at scale 3 (.gif; .mp4 needs imageio[ffmpeg])")
 who = p.add_mutually_exclusive_group()
-who.add_argument("--actions", default=None, help="play these action indices instead of the keyboard, repeated: 2,2,3,3,0")
+who.add_argument("--actions", default=None,
+                 help="play these action indices instead of the keyboard, repeated: 2,2,3,3,0")
 who.add_argument("--policy", default=None, choices=["random", "sticky", "tracker"],
-                 help="a collect.py policy plays instead of the keyboard (tracker reads the shadow's RAM); None: tracker when headless")
+                 help="a collect.py policy plays instead of the keyboard (tracker reads the shadow's RAM); "
+                      "None: tracker when headless")
 mode = p.add_mutually_exclusive_group()
 mode.add_argument("--gif", default=None, help="headless: write a real | dream GIF of --steps frames here, no window")
 mode.add_argument("--benchmark", type=common.positive_int, default=None, metavar="N",
                   help="headless: run the play loop N frames with no FPS cap and print the time per part")
-p.add_argument("--steps", type=common.positive_int, default=200, help="--gif: frames, one per dream step (the start frame is not included)")
+p.add_argument("--steps", type=common.positive_int, default=200,
+               help="--gif: frames, one per dream step (the start frame is not included)")
 p.add_argument("--threads", type=common.positive_int, default=1,
                help="torch threads; a batch-1 step barely splits, and a 2nd thread stalls when the other core is busy")
 p.add_argument("--device", default=None, help="cuda | mps | cpu; None: the best available")
 p.add_argument("--latent-actions", action="store_true",
-               help="latent-action model: number keys (or --actions) fire latent actions, no key is NOOP through the map; "
-                    "no shadow")
+               help="latent-action model: number keys (or --actions) fire latent actions, no key is NOOP "
+                    "through the map; no shadow")
 p.add_argument("--compile", action="store_true",
                help="torch.compile the model: ~10%% faster steps on a CPU after ~35 s of compiling (bench.py)")
 
@@ -115,8 +122,9 @@ class Session:
 
     def step(self, action):
         t0 = time.perf_counter()
-        if self.args.latent_actions:  # a latent action; None: the real NOOP through the map (latent action 0 without one)
-            self.dream = self.wm.step(NOOP) if action is None and self.wm.mapped else self.wm.step_latent_action(action or 0)
+        if self.args.latent_actions:  # None: the real NOOP through the map (latent action 0 without a map)
+            mapped = action is None and self.wm.mapped
+            self.dream = self.wm.step(NOOP) if mapped else self.wm.step_latent_action(action or 0)
         else:
             self.dream = self.wm.step(action)
         t1 = time.perf_counter()
@@ -221,7 +229,7 @@ def canvas(s, overlay=True):
 
 def labels(s, scale, overlay=True):
     """Panel names above each panel (panels are W model pixels plus a 1-pixel gap apart)."""
-    names = ["REAL", "DREAM"] + (["REAL GREEN  DREAM RED  BOTH YELLOW"] if overlay else []) if s.args.shadow else ["DREAM"]
+    names = ["REAL", "DREAM"] + ["REAL GREEN  DREAM RED  BOTH YELLOW"] * overlay if s.args.shadow else ["DREAM"]
     w = (common.to_image(s.dream).shape[1] + 1) * scale
     return [(k * w + 2, name) for k, name in enumerate(names)]
 
@@ -348,7 +356,9 @@ def dream_gif(wm, env, args, policy):
         s.step(s.act())
         # the counter also keeps every frame distinct: Pillow merges identical neighbours, and the GIF
         # must have exactly --steps frames
-        stats = f"STEP {k}/{args.steps}" + (f"  ERROR {s.err:.1f}  PSNR {common.psnr(s.mse):.1f} DB" if args.shadow else "")
+        stats = f"STEP {k}/{args.steps}"
+        if args.shadow:
+            stats += f"  ERROR {s.err:.1f}  PSNR {common.psnr(s.mse):.1f} DB"
         frames.append(picture(s, scale, [labels(s, scale, overlay=False), [(2, stats)]], overlay=False))
         err.append(s.err)
         mse.append(s.mse)
@@ -357,7 +367,8 @@ def dream_gif(wm, env, args, policy):
     except OSError as e:
         raise common.KitError(f"cannot write {args.gif}: {e.strerror}") from None
     print(f"wrote {args.gif}: {'real | dream' if args.shadow else 'dream'}, {len(frames)} frames (after dream steps "
-          f"1..{args.steps}; the start frame is not included), {frames[0].shape[1]}x{frames[0].shape[0]} at {args.fps:g} FPS")
+          f"1..{args.steps}; the start frame is not included), {frames[0].shape[1]}x{frames[0].shape[0]} "
+          f"at {args.fps:g} FPS")
     if args.shadow:
         print(f"dream vs real: mean abs error {np.mean(err):.2f}, PSNR {common.psnr(np.mean(mse)):.2f} dB over the "
               f"{args.steps} steps")
@@ -395,7 +406,8 @@ def main():
             raise common.KitError(f"--latent-actions needs a latent-action model from train_latent_action.py; "
                                   f"{args.world} is not one")
         if args.policy:
-            raise common.KitError("--latent-actions fires latent actions: use --actions with their numbers, not --policy")
+            raise common.KitError("--latent-actions fires latent actions: use --actions with their numbers, "
+                                  "not --policy")
         args.shadow = False  # the real game cannot take a latent action
         bad = [a for a in actions or [] if not 0 <= a < wm.n_latent_actions]
         if bad:

@@ -42,38 +42,48 @@ p.add_argument("--beta", type=common.nonneg_float, default=1e-4,
                help="VAE: weight of the KL term against the error summed over pixels (seed 004)")
 p.add_argument("--latent-dim", type=common.positive_int, default=128,
                help="size of the latent vector (seed 000: 128, seed 004: 64)")
-p.add_argument("--frame-space", default="gray84x84", choices=list(common.FRAME_SPACES), help="preprocessing of raw frames")
+p.add_argument("--frame-space", default="gray84x84", choices=list(common.FRAME_SPACES),
+               help="preprocessing of raw frames")
 p.add_argument("--stack", type=common.positive_int, default=1,
                help="consecutive frames encoded into one latent, as channels (seed 004: 4)")
 p.add_argument("--hidden", type=common.positive_int, default=32,
                help="channels of the first conv; each of the 4 stages doubles them")
-p.add_argument("--fc", type=common.positive_int, default=512, help="width of the FC layer between the convs and the latent")
+p.add_argument("--fc", type=common.positive_int, default=512,
+               help="width of the FC layer between the convs and the latent")
 p.add_argument("--steps", type=common.positive_int, default=800, help="autoencoder: optimizer steps")
 p.add_argument("--batch", type=common.positive_int, default=32, help="autoencoder: frames (or stacks) per batch")
 p.add_argument("--lr", type=common.positive_float, default=1e-3, help="autoencoder: AdamW learning rate")
 p.add_argument("--fg-weight", type=common.nonneg_float, default=20.0,
                help="extra loss weight on pixels that differ from the median frame: the ball is 0.1%% of a Pong frame")
-p.add_argument("--eval-every", type=common.positive_int, default=100, help="autoencoder: validation and checkpoint every N steps")
+p.add_argument("--eval-every", type=common.positive_int, default=100,
+               help="autoencoder: validation and checkpoint every N steps")
 p.add_argument("--world-out", default=None,
                help="world checkpoint of stage two (default: checkpoints/<data name>/world_ae.pt or world_vae.pt)")
 p.add_argument("--dynamics", default="mlp", choices=["mlp", "gru"],
                help="MLP on the last latents, concatenated (seed 000), or GRU (seed 004)")
 p.add_argument("--dynamics-steps", type=common.nonneg_int, default=10000,
                help="dynamics: optimizer steps (0: stop after the autoencoder)")
-p.add_argument("--dynamics-dim", type=common.positive_int, default=256, help="dynamics: MLP width, GRU hidden units (seed 004: 256)")
+p.add_argument("--dynamics-dim", type=common.positive_int, default=256,
+               help="dynamics: MLP width, GRU hidden units (seed 004: 256)")
 p.add_argument("--dynamics-batch", type=common.positive_int, default=64, help="dynamics: windows per batch")
-p.add_argument("--dynamics-lr", type=common.positive_float, default=1e-3, help="dynamics: AdamW learning rate (cosine decay)")
-p.add_argument("--dynamics-eval-every", type=common.positive_int, default=1000, help="dynamics: evaluate and checkpoint every N steps")
+p.add_argument("--dynamics-lr", type=common.positive_float, default=1e-3,
+               help="dynamics: AdamW learning rate (cosine decay)")
+p.add_argument("--dynamics-eval-every", type=common.positive_int, default=1000,
+               help="dynamics: evaluate and checkpoint every N steps")
 p.add_argument("--context", type=common.positive_int, default=4, help="dynamics: frames of history (at least --stack)")
-p.add_argument("--rollout", type=common.positive_int, default=3, help="dynamics: K, steps unrolled on its own predictions")
+p.add_argument("--rollout", type=common.positive_int, default=3,
+               help="dynamics: K, steps unrolled on its own predictions")
 p.add_argument("--teacher-forcing", type=common.probability, default=0.5,
                help="dynamics: final probability of feeding the true latent (seed 004)")
 p.add_argument("--discount", type=common.positive_float, default=0.7, help="dynamics: loss discount per rollout step")
 p.add_argument("--pixel-loss", type=common.nonneg_float, default=0.0,
                help="dynamics: weight of an MSE on the newest frame, decoded by the frozen decoder")
-p.add_argument("--eval-windows", type=common.positive_int, default=48, help="dynamics: frozen validation windows (each 30 steps)")
-p.add_argument("--gif-steps", type=common.positive_int, default=48, help="dynamics: length of the real | dream | difference GIF")
-p.add_argument("--val-frac", type=common.probability, default=0.1, help="fraction of episodes held out (split by episode)")
+p.add_argument("--eval-windows", type=common.positive_int, default=48,
+               help="dynamics: frozen validation windows (each 30 steps)")
+p.add_argument("--gif-steps", type=common.positive_int, default=48,
+               help="dynamics: length of the real | dream | difference GIF")
+p.add_argument("--val-frac", type=common.probability, default=0.1,
+               help="fraction of episodes held out (split by episode)")
 p.add_argument("--seed", type=int, default=0, help="random seed")
 p.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
 p.add_argument("--compile", action="store_true", help="torch.compile the autoencoder (pays off on CUDA, not on CPU)")
@@ -152,7 +162,8 @@ def train_autoencoder(args, out, name, device):
     fwd = torch.compile(model) if args.compile else model
     os.makedirs(args.assets, exist_ok=True)
     png = os.path.join(args.assets, f"{name}_{'vae' if args.vae else 'ae'}_recon.png")
-    print(f"model: {'vae' if args.vae else 'ae'}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
+    print(f"model: {'vae' if args.vae else 'ae'}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"parameters on {device}")
 
     def save():
         common.save_checkpoint(out, dict(
@@ -261,8 +272,8 @@ def evaluate_dynamics(wm, val, fixed, T, S):
     return m
 
 
-def train_dynamics(args, ae_path, world_out, name, device):
-    """Stage two: latent dynamics over the autoencoder at ae_path, written to world_out."""
+def train_dynamics(args, ae_path, out, name, device):
+    """Stage two: latent dynamics over the autoencoder at ae_path, written to `out`."""
     ae, ack = common.load_tokenizer(ae_path, ("ae",))
     S, T, K, H = ae.stack, args.context - ae.stack + 1, args.rollout, max(common.HORIZONS)
     if T < 1:
@@ -270,20 +281,7 @@ def train_dynamics(args, ae_path, world_out, name, device):
                               f"encodes {S} frames, so the world needs at least {S} frames of history")
     ae_key, space, meanings = common.file_key(ae_path), ack["frame_space"], ack["action_meanings"]
     latents = common.latent_cache(args.data, ae_path, ae, space, device, ack["game"], args.skip_bad)
-    files = [f for f in common.episode_files(args.data) if os.path.basename(f) in latents]
-    train_f, val_f = common.split_episodes(files, args.val_frac, args.seed)
-    if not val_f:
-        val_f = train_f[-1:]
-        print("warning: one episode only: validating on training data", file=sys.stderr)
-
-    def episode(f, frames):
-        ep = common.load_episode(f, keys=["frames", "actions"] if frames else ["actions"])
-        d = {"latents": latents[os.path.basename(f)], "actions": torch.as_tensor(ep["actions"])}
-        if frames:
-            d["frames"] = common.preprocess(ep["frames"], space)
-        return d
-
-    train, val = [episode(f, False) for f in train_f], [episode(f, True) for f in val_f]
+    train, val = common.coded_episodes(args.data, latents, "latents", space, args.val_frac, args.seed)
     pool = common.windows([len(ep["latents"]) for ep in train], T + K)
     vpool = common.windows([len(ep["latents"]) for ep in val], T + H)
     if not pool or not vpool:
@@ -300,14 +298,14 @@ def train_dynamics(args, ae_path, world_out, name, device):
     dyn.standardize_with(torch.cat([ep["latents"] for ep in train]).to(device))
     opt = torch.optim.AdamW(dyn.parameters(), lr=args.dynamics_lr, weight_decay=0.01)
     step, metrics = 0, {}
-    if args.resume and os.path.exists(world_out):
-        _, step, metrics = common.resume(world_out, "world", dyn, opt, model_args=model_args, tokenizer_key=ae_key)
+    if args.resume and os.path.exists(out):
+        _, step, metrics = common.resume(out, "world", dyn, opt, model_args=model_args, tokenizer_key=ae_key)
     wm = common.LatentWorld(ae, dyn, space, ack["game"], meanings, device)
     decode = lambda z: ae.decode(z, last=True)
     print(f"model: {args.dynamics}, {sum(p.numel() for p in dyn.parameters()) / 1e6:.2f}M parameters on {device}")
 
     def save():
-        common.save_checkpoint(world_out, dict(
+        common.save_checkpoint(out, dict(
             kind="world", model_args=model_args, model=dyn.state_dict(), optimizer=opt.state_dict(),
             tokenizer_kind="ae", tokenizer_args=ack["model_args"], tokenizer=ae.state_dict(), tokenizer_path=ae_path,
             tokenizer_key=ae_key, frame_space=space, game=ack["game"], action_meanings=meanings,
@@ -328,7 +326,7 @@ def train_dynamics(args, ae_path, world_out, name, device):
             idx = [pool[i] for i in g.integers(len(pool), size=args.dynamics_batch)]
             hist, act, tgt = latent_batch(train, idx, T, K, S, device)
             loss = latent_loss(dyn, decode, hist, act, tgt, tf, disc, args.pixel_loss)
-            common.check_finite(loss, step, world_out)
+            common.check_finite(loss, step, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(dyn.parameters(), 1.0)
@@ -343,7 +341,7 @@ def train_dynamics(args, ae_path, world_out, name, device):
     except KeyboardInterrupt:
         bar.close()
         save()
-        print(f"interrupted at step {step}: checkpoint saved to {world_out} (continue with --resume)", file=sys.stderr)
+        print(f"interrupted at step {step}: checkpoint saved to {out} (continue with --resume)", file=sys.stderr)
         sys.exit(130)
     bar.close()
 
@@ -352,7 +350,7 @@ def train_dynamics(args, ae_path, world_out, name, device):
     i, s = common.busiest([ep["frames"] for ep in val], wm.context + args.gif_steps)
     n = min(args.gif_steps, len(val[i]["actions"]) - s - wm.context + 1)
     common.dream_gif(wm, val[i]["frames"][s:s + wm.context + n], val[i]["actions"][s + wm.context - 1:][:n], gif)
-    print(f"dynamics: {step} steps ({(time.time() - t0) / 60:.1f} min this run); wrote {world_out} and {gif}")
+    print(f"dynamics: {step} steps ({(time.time() - t0) / 60:.1f} min this run); wrote {out} and {gif}")
     print("PSNR dream vs copy-last-frame: " + "  ".join(
         f"@{h} {metrics[f'psnr@{h}']:.2f}/{metrics[f'copy_psnr@{h}']:.2f}" for h in common.HORIZONS))
 
@@ -368,8 +366,8 @@ def main():
     out = args.out or os.path.join("checkpoints", name, f"{kind}.pt")
     world_out = args.world_out or os.path.join("checkpoints", name, f"world_{kind}.pt")
     if args.context < args.stack:
-        raise common.KitError(f"--context {args.context} is shorter than --stack {args.stack}: each latent "
-                              f"encodes {args.stack} frames, so the world needs at least {args.stack} frames of history")
+        raise common.KitError(f"--context {args.context} is shorter than --stack {args.stack}: each latent encodes "
+                              f"{args.stack} frames, so the world needs at least {args.stack} frames of history")
     train_autoencoder(args, out, name, device)
     if args.dynamics_steps > 0:
         train_dynamics(args, out, world_out, name, device)

@@ -35,11 +35,13 @@ import common
 
 p = common.flags(__doc__)
 p.add_argument("--data", default="data/breakout", help="episodes whose frames train stage one (actions unread)")
-p.add_argument("--tokenizer", default=None, help="VQ-VAE from train_vqvae.py (default: checkpoints/<data name>/vqvae.pt)")
+p.add_argument("--tokenizer", default=None,
+               help="VQ-VAE from train_vqvae.py (default: checkpoints/<data name>/vqvae.pt)")
 p.add_argument("--out", default=None, help="checkpoint (default: checkpoints/<data name>/lam.pt)")
 p.add_argument("--latent-actions", type=common.positive_int, default=None,
                help="how many latent actions (default: the game's number of real actions)")
-p.add_argument("--context", type=common.positive_int, default=4, help="frames of history, for the encoder and the forward model")
+p.add_argument("--context", type=common.positive_int, default=4,
+               help="frames of history, for the encoder and the forward model")
 p.add_argument("--enc-dim", type=common.positive_int, default=64, help="encoder: conv channels")
 p.add_argument("--dim", type=common.positive_int, default=64, help="forward model: channels (as train_world.py)")
 p.add_argument("--emb", type=common.positive_int, default=16, help="forward model: token embedding per history frame")
@@ -47,19 +49,23 @@ p.add_argument("--blocks", type=common.positive_int, default=3, help="forward mo
 p.add_argument("--steps", type=common.positive_int, default=1200, help="stage one: optimizer steps")
 p.add_argument("--batch", type=common.positive_int, default=16, help="stage one: windows per batch")
 p.add_argument("--lr", type=common.positive_float, default=1e-3, help="AdamW learning rate (cosine decay)")
-p.add_argument("--rollout", type=common.positive_int, default=3, help="K: steps the forward model unrolls on its own predictions")
+p.add_argument("--rollout", type=common.positive_int, default=3,
+               help="K: steps the forward model unrolls on its own predictions")
 p.add_argument("--teacher-forcing", type=common.probability, default=0.1, help="floor of the teacher-forcing schedule")
 p.add_argument("--discount", type=common.positive_float, default=0.7, help="loss discount per rollout step (seed 003)")
 p.add_argument("--changed-weight", type=common.nonneg_float, default=10.0,
                help="extra loss weight of tokens that change: the paddle is ~1%% of the grid and all the action is")
 p.add_argument("--diversity", type=common.nonneg_float, default=0.1,
-               help="weight of the batch usage-entropy bonus (wav2vec 2.0): without it every transition gets one latent action")
+               help="weight of the batch usage-entropy bonus (wav2vec 2.0): without it every transition gets "
+                    "one latent action")
 p.add_argument("--map-data", default=None, help="labelled episodes for the map (default: --data)")
-p.add_argument("--map-steps", type=common.nonneg_int, default=1500, help="stage two: optimizer steps of the map (0: no map)")
+p.add_argument("--map-steps", type=common.nonneg_int, default=1500,
+               help="stage two: optimizer steps of the map (0: no map)")
 p.add_argument("--map-frames", type=common.nonneg_int, default=4,
                help="frames the map sees besides the action (0: the action alone)")
 p.add_argument("--map-only", action="store_true", help="keep --out's encoder and forward model, fit the map again")
-p.add_argument("--eval-every", type=common.positive_int, default=300, help="stage one: validation and checkpoint every N steps")
+p.add_argument("--eval-every", type=common.positive_int, default=300,
+               help="stage one: validation and checkpoint every N steps")
 p.add_argument("--eval-windows", type=common.positive_int, default=512, help="validation transitions scored")
 p.add_argument("--val-frac", type=common.probability, default=0.1,
                help="fraction of episodes held out (same split as the tokenizer)")
@@ -214,7 +220,8 @@ def stage_one_loss(lam, enc, tok_w, T, K, tf, disc, args):
     train_world.py), conditioned on those latent actions. Tokens that change weigh more; a batch
     usage-entropy bonus keeps every latent action in use."""
     B, n = len(tok_w), enc.n_latent_actions
-    onehot, _, prob = enc(torch.cat([tok_w[:, k:k + T] for k in range(K)]), torch.cat([tok_w[:, T + k] for k in range(K)]))
+    onehot, _, prob = enc(torch.cat([tok_w[:, k:k + T] for k in range(K)]),
+                          torch.cat([tok_w[:, T + k] for k in range(K)]))
     onehot = onehot.view(K, B, n)
     usage = prob.mean(0)  # entropy of the batch's average distribution: 1 when all are used equally
     loss, hist = args.diversity * (1 + (usage * usage.clamp_min(1e-9).log()).sum() / np.log(n)), tok_w[:, :T]
@@ -259,6 +266,37 @@ def fit_map(lam, enc, map_train, val, T, steps, g, device):
     return table.tolist(), table_acc, map_step
 
 
+def load_data(args, tok_path, tok, tck, prev, device):
+    """(train, map_train, val): tokens of --data's training episodes without their actions (stage
+    one), and tokens with actions of --map-data's training and validation episodes."""
+    caches, meanings = {}, list(tck["action_meanings"])  # --map-data is usually --data: one token cache read
+
+    def load(folder, actions):
+        if folder not in caches:
+            caches[folder] = common.token_cache(folder, tok_path, tok, tck["frame_space"], device, tck["game"],
+                                                args.skip_bad)
+        return common.coded_episodes(folder, caches[folder], "tokens", None, args.val_frac, args.seed, actions)
+
+    train, _ = load(args.data, actions=False)
+    map_data = args.map_data or args.data
+    for f in common.episode_files(map_data)[:1]:  # one game per folder (token_cache checks the game)
+        have = [str(m) for m in common.load_episode(f, ["action_meanings"])["action_meanings"]]
+        if have != meanings or (prev is not None and have != list(prev["action_meanings"])):
+            raise common.KitError(f"{map_data} has actions {have}, the model's game has {meanings}")
+    map_train, val = load(map_data, actions=True)
+    return train, map_train, val
+
+
+def report(table, meanings, metrics):
+    """The validation table of real action x latent action, then the scores."""
+    print("validation transitions, real action x latent action (the encoder's):")
+    w = max(len(m) for m in meanings)
+    print(" " * w + "".join(f"{c:>7}" for c in range(len(table[0]))))
+    for a, row in enumerate(table):
+        print(f"{meanings[a]:>{w}}" + "".join(f"{v:>7}" for v in row))
+    print("  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+
+
 # -----------------------------------------------------------------------------
 
 def main():
@@ -287,28 +325,7 @@ def main():
 
     # -------------------------------------------------------------------------
     # data: stage one reads token grids only; actions are loaded for the map and the eval
-    caches = {}  # --map-data is usually --data: read its token cache once
-
-    def load(folder, actions):
-        if folder not in caches:
-            caches[folder] = common.token_cache(folder, tok_path, tok, space, device, game, args.skip_bad)
-        tokens = caches[folder]
-        files = [f for f in common.episode_files(folder) if os.path.basename(f) in tokens]
-        tr, va = common.split_episodes(files, args.val_frac, args.seed)
-        if not va:
-            va = tr[-1:]
-            print(f"warning: one episode only in {folder}: validating on training data", file=sys.stderr)
-        ep = lambda f: dict(tokens=tokens[os.path.basename(f)], **(
-            {"actions": torch.as_tensor(common.load_episode(f, ["actions"])["actions"])} if actions else {}))
-        return [ep(f) for f in tr], [ep(f) for f in va]
-
-    train, _ = load(args.data, actions=False)
-    map_data = args.map_data or args.data
-    for f in common.episode_files(map_data)[:1]:  # one game per folder (token_cache checks the game)
-        have = [str(m) for m in common.load_episode(f, ["action_meanings"])["action_meanings"]]
-        if have != list(meanings) or (prev is not None and have != list(prev["action_meanings"])):
-            raise common.KitError(f"{map_data} has actions {have}, the model's game has {list(meanings)}")
-    map_train, val = load(map_data, actions=True)
+    train, map_train, val = load_data(args, tok_path, tok, tck, prev, device)
     pool = common.windows([len(ep["tokens"]) for ep in train], T + K)
     vpool = common.windows([len(ep["tokens"]) for ep in val], T + 1)
     if not pool or not vpool:
@@ -342,7 +359,8 @@ def main():
             opt.load_state_dict(prev["optimizer"])
             print(f"resumed {out} at step {step}")
     n_dyn, n_enc = sum(p.numel() for p in lam.dynamics.parameters()), sum(p.numel() for p in enc.parameters())
-    print(f"model: {n} latent actions; encoder {n_enc / 1e6:.2f}M, forward model {n_dyn / 1e6:.2f}M parameters on {device}")
+    print(f"model: {n} latent actions; encoder {n_enc / 1e6:.2f}M, forward model {n_dyn / 1e6:.2f}M parameters "
+          f"on {device}")
 
     def save():
         common.save_checkpoint(out, dict(
@@ -396,12 +414,7 @@ def main():
     os.makedirs(args.assets, exist_ok=True)
     png = os.path.join(args.assets, f"{name}_latent_actions.png")
     picture(lam, tok, val, T, device, names(table, meanings), png)
-    print("validation transitions, real action x latent action (the encoder's):")
-    w = max(len(m) for m in meanings)
-    print(" " * w + "".join(f"{c:>7}" for c in range(n)))
-    for a, row in enumerate(table):
-        print(f"{meanings[a]:>{w}}" + "".join(f"{v:>7}" for v in row))
-    print("  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    report(table, meanings, metrics)
     print(f"stage one {step} steps in {(t1 - t0) / 60:.1f} min, map {map_step} steps in {(time.time() - t1) / 60:.1f} "
           f"min; wrote {out} and {png}")
 

@@ -29,7 +29,8 @@ import common
 p = common.flags(__doc__)
 p.add_argument("--data", default="data/pong", help="folder of episodes from collect.py")
 p.add_argument("--out", default=None, help="checkpoint path (default: checkpoints/<data name>/vqvae.pt)")
-p.add_argument("--frame-space", default="rgb84x64", choices=list(common.FRAME_SPACES), help="preprocessing of raw frames")
+p.add_argument("--frame-space", default="rgb84x64", choices=list(common.FRAME_SPACES),
+               help="preprocessing of raw frames")
 p.add_argument("--hidden", type=common.positive_int, default=16, help="channels of the full-resolution conv layers")
 p.add_argument("--code-dim", type=common.positive_int, default=32,
                help="channels at the token grid: the size of each codebook vector")
@@ -39,13 +40,15 @@ p.add_argument("--down", type=common.positive_int, default=2,
 p.add_argument("--steps", type=common.positive_int, default=800, help="optimizer steps")
 p.add_argument("--batch", type=common.positive_int, default=32, help="frames per batch")
 p.add_argument("--lr", type=common.positive_float, default=2e-3, help="AdamW learning rate")
-p.add_argument("--beta", type=common.nonneg_float, default=0.25, help="commitment loss weight (van den Oord et al. 2017)")
+p.add_argument("--beta", type=common.nonneg_float, default=0.25,
+               help="commitment loss weight (van den Oord et al. 2017)")
 p.add_argument("--fg-weight", type=common.nonneg_float, default=20.0,
                help="extra loss weight on pixels that differ from the median frame: the ball is 0.1%% of a Pong frame")
 p.add_argument("--reset-every", type=common.positive_int, default=100,
                help="re-seed dead codes every N steps (seed 003: 500 at larger batches)")
 p.add_argument("--eval-every", type=common.positive_int, default=200, help="validation and checkpoint every N steps")
-p.add_argument("--val-frac", type=common.probability, default=0.1, help="fraction of episodes held out (split by episode)")
+p.add_argument("--val-frac", type=common.probability, default=0.1,
+               help="fraction of episodes held out (split by episode)")
 p.add_argument("--seed", type=int, default=0, help="random seed")
 p.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
 p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on CUDA, not on CPU)")
@@ -172,8 +175,9 @@ def main():
     # outputs: the token cache (the reconstruction grid is written at every eval)
     files = common.episode_files(args.data)
     common.token_cache(args.data, out, model, args.frame_space, device, meta["game"], args.skip_bad)
-    print(f"trained {step} steps in {(time.time() - t0) / 60:.1f} min: val PSNR {metrics.get('val_psnr', float('nan')):.2f} "
-          f"dB, {metrics.get('codes_used')} codes used; wrote {out}, {png} and the token cache for {len(files)} episodes")
+    print(f"trained {step} steps in {(time.time() - t0) / 60:.1f} min: val PSNR "
+          f"{metrics.get('val_psnr', float('nan')):.2f} dB, {metrics.get('codes_used')} codes used; wrote {out}, {png} "
+          f"and the token cache for {len(files)} episodes")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ import common
 
 p = common.flags(__doc__)
 p.add_argument("--data", default="data/pong", help="folder of episodes from collect.py")
-p.add_argument("--tokenizer", default=None, help="VQ-VAE from train_vqvae.py (default: checkpoints/<data name>/vqvae.pt)")
+p.add_argument("--tokenizer", default=None,
+               help="VQ-VAE from train_vqvae.py (default: checkpoints/<data name>/vqvae.pt)")
 p.add_argument("--out", default=None, help="world checkpoint (default: checkpoints/<data name>/world.pt)")
 p.add_argument("--context", type=common.positive_int, default=4, help="frames of history")
 p.add_argument("--arch", default="conv", choices=["conv", "attn"], help="conv on the token grid, or attention over it")
@@ -148,21 +149,7 @@ def main():
     tok, tck = common.load_tokenizer(tok_path)
     tok_key, space, meanings = common.file_key(tok_path), tck["frame_space"], tck["action_meanings"]
     tokens = common.token_cache(args.data, tok_path, tok, space, device, tck["game"], args.skip_bad)
-    files = [f for f in common.episode_files(args.data) if os.path.basename(f) in tokens]
-    train_f, val_f = common.split_episodes(files, args.val_frac, args.seed)
-    if not val_f:
-        val_f = train_f[-1:]
-        print("warning: one episode only: validating on training data", file=sys.stderr)
-
-    def episode(f, frames):
-        ep = common.load_episode(f, keys=["frames", "actions"] if frames else ["actions"])
-        d = {"tokens": tokens[os.path.basename(f)], "actions": torch.as_tensor(ep["actions"])}
-        if frames:
-            d["frames"] = common.preprocess(ep["frames"], space)
-        return d
-
-    train = [episode(f, False) for f in train_f]
-    val = [episode(f, True) for f in val_f]
+    train, val = common.coded_episodes(args.data, tokens, "tokens", space, args.val_frac, args.seed)
     pool = common.windows([len(ep["tokens"]) for ep in train], T + K)
     if not pool:
         raise common.KitError(f"episodes in {args.data} are shorter than context + rollout ({T + K} frames)")

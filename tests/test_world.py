@@ -197,3 +197,25 @@ def test_ctrl_c_keeps_a_resumable_checkpoint(models, tmp_path):
                    "--steps", step + 2, "--eval-every", "2", "--batch", "4")
     assert r.returncode == 0 and f"resumed {out} at step {step}" in r.stdout, describe(r)
     assert common.load_checkpoint(out)["step"] == step + 2
+
+
+def test_bad_flags_are_one_error_line(models, tmp_path):
+    for flags, words in ((("--lr", "nan"), ("--lr", "finite")), (("--steps", "0"), ("--steps", "positive")),
+                         (("--val-frac", "2"), ("--val-frac", "between 0 and 1"))):
+        r = run_script("train_vqvae.py", "--data", models["data"], "--out", tmp_path / "x.pt", *flags)
+        one_line_error(r, *words)
+
+
+def test_checkpoints_with_old_argument_names_still_load(models, tmp_path):
+    ck = common.load_checkpoint(models["world"])
+    ck["tokenizer_args"]["latent"] = ck["tokenizer_args"].pop("code_dim")  # as written before the rename
+    common.save_checkpoint(tmp_path / "old.pt", ck)
+    old, new = common.load_world(tmp_path / "old.pt"), common.load_world(models["world"])
+    frames = first_frames(new)
+    old.reset(frames)
+    new.reset(frames)
+    assert np.array_equal(old.step(2), new.step(2))
+    r = run_script("train_vqvae.py", "--data", models["data"], "--out", tmp_path / "vq.pt", "--assets", tmp_path,
+                   "--latent", "8", *VQ)  # the old flag name works, with a warning
+    assert r.returncode == 0 and "--latent is now --code-dim" in r.stderr, describe(r)
+    assert common.load_checkpoint(tmp_path / "vq.pt")["model_args"]["code_dim"] == 8
