@@ -1,14 +1,23 @@
 """bench.py -- the kit's speed and quality numbers, as reported in the README.
 
   python bench.py collect                     # collection rate per policy vs the raw emulator
-  python bench.py world                       # dream fidelity + wm.step speed of checkpoints/pong/world.pt
-  python bench.py world --world checkpoints/pong/world_long.pt --data data/pong
+  python bench.py world                       # open-loop fidelity + wm.step speed of checkpoints/pong/world.pt
+  python bench.py dream                       # closed loop: a player inside the dream and in the real game
+  python bench.py dream --world checkpoints/breakout/world.pt --steps 1000 --seeds 3
   python bench.py all
 
-Dream fidelity (Pong): open loop from 4 real frames with the true actions on validation
-episodes: the player's paddle error (raw pixels of the 210x160 frame) at 10 and 30 steps,
-the share of frames at 10 steps whose dreamed ball is within 8 raw pixels of the real one,
-and decoded PSNR next to the copy-last-frame baseline at 1/5/10/30 steps.
+world: open loop from 4 real frames with the true actions on validation episodes. Decoded
+PSNR next to the copy-last-frame baseline at 1/5/10/30 steps; on Pong, where the ball is lost
+(the tokenizer's round trip, then 1, 5, 10 and 30 dream steps: the share of frames whose
+dreamed ball is within 8 raw pixels of the real one) and the player's paddle error (raw
+pixels of the 210x160 frame) at 10 and 30 steps.
+
+dream: closed loop. A player that reads only the frames it is shown (never the RAM) plays
+--steps steps in the real game, and --steps steps inside the dream started from the same
+real frames, from a fresh reset and from mid-rally, over --seeds seeds; nothing real reaches
+the dream after its start. It prints how often a ball is on screen, serves, balls vanishing
+in mid-field, frames with two balls or a smear, impossible jumps, points (Breakout: bricks),
+and how well the paddle follows the keys, and writes assets/<game>_long_dream.gif.
 """
 import argparse
 import os
@@ -25,9 +34,16 @@ import torch
 import common
 
 p = common.flags(__doc__)
-p.add_argument("what", nargs="?", default="all", choices=["collect", "world", "all"], help="which benchmark")
+p.add_argument("what", nargs="?", default="all", choices=["collect", "world", "dream", "all"], help="which benchmark")
 p.add_argument("--game", default="Pong", help="collect: game")
-p.add_argument("--steps", type=common.positive_int, default=10000, help="collect: transitions per policy")
+p.add_argument("--steps", type=common.positive_int, default=None,
+               help="collect: transitions per policy (10000); dream: steps of each run (600)")
+p.add_argument("--temperature", type=common.nonneg_float, default=common.TEMPERATURE,
+               help="world, dream: the dream's sampling temperature (0: argmax)")
+p.add_argument("--seeds", type=common.positive_int, default=2,
+               help="dream: runs per start (env and player seeds 0..N-1)")
+p.add_argument("--gif", default=None,
+               help="dream: where the long-dream GIF goes (default: assets/<game>_long_dream.gif)")
 p.add_argument("--world", default="checkpoints/pong/world.pt", help="world: checkpoint")
 p.add_argument("--data", default="data/pong", help="world: dataset (its validation episodes are used)")
 p.add_argument("--windows", type=common.positive_int, default=64, help="world: open-loop windows of 30 steps")
@@ -47,27 +63,28 @@ def bench_collect(args):
     env.reset(seed=0)
     env.action_space.seed(0)
     t = time.perf_counter()
-    for _ in range(args.steps):
+    steps = args.steps or 10000
+    for _ in range(steps):
         _, _, term, trunc, _ = env.step(env.action_space.sample())
         if term or trunc:
             env.reset()
-    raw = args.steps / (time.perf_counter() - t)
+    raw = steps / (time.perf_counter() - t)
     print(f"raw emulator (gym.make, random actions, no recording): {raw:.0f} steps/s")
     env = common.make_env(args.game, seed=0)  # + the max of the last two frames (a second screen grab)
     rng = np.random.default_rng(0)
     t = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         _, _, term, trunc, _ = env.step(int(rng.integers(env.action_space.n)))
         if term or trunc:
             env.reset()
-    kit = args.steps / (time.perf_counter() - t)
+    kit = steps / (time.perf_counter() - t)
     print(f"kit env (common.make_env: max-pooled frames, no recording): {kit:.0f} steps/s, {kit / raw:.0%} of raw")
     print("| policy | steps/s (recorded to disk) | share of raw |\n|---|---|---|")
     for policy in ("random", "sticky", "tracker", "mix"):
         out = tempfile.mkdtemp()
         try:
             r = subprocess.run([sys.executable, "collect.py", "--game", args.game, "--policy", policy, "--steps",
-                                str(args.steps), "--out", out], capture_output=True, text=True, check=True)
+                                str(steps), "--out", out], capture_output=True, text=True, check=True)
         finally:
             shutil.rmtree(out, ignore_errors=True)
         rate = float(r.stdout.strip().split()[-2].lstrip("("))
@@ -78,7 +95,7 @@ def bench_collect(args):
 
 def bench_world(args):
     torch.set_num_threads(args.threads)
-    wm = common.load_world(args.world, device=args.device)
+    wm = common.load_world(args.world, device=args.device, temperature=args.temperature)
     ck = common.load_checkpoint(args.world, ("world",))
     T, H = wm.context, max(common.HORIZONS)
     files = common.episode_files(args.data)
@@ -98,9 +115,12 @@ def bench_world(args):
     for h in common.HORIZONS:
         print(f"| {h} | {m[f'psnr@{h}']:.2f} | {m[f'copy_psnr@{h}']:.2f} |")
     if wm.game == "ALE/Pong-v5":
+        recon = common.pong_scores(wm.reconstruct(frames[:, :T]).cpu(), frames[:, T - 1], wm.space, 0)["ball_8px@0"]
+        print(f"ball within 8 px: tokenizer round trip {recon:.0%}, dream " + ", ".join(
+            f"@{k} {m[f'ball_8px@{k}']:.0%}" for k in common.HORIZONS))
         for k in (10, 30):
             print(f"paddle error @{k}: mean {m[f'paddle_px@{k}']:.2f} px, median {m[f'paddle_median@{k}']:.2f} px, "
-                  f"within 2 px {m[f'paddle_2px@{k}']:.0%}; ball within 8 px @{k}: {m[f'ball_8px@{k}']:.0%}")
+                  f"within 2 px {m[f'paddle_2px@{k}']:.0%}")
 
     # speed: wm.step at batch 1, eager and (where it measures faster) compiled
     start = [wm.observe(f) for f in eps[0]["frames"][:T]]
@@ -129,6 +149,170 @@ def bench_world(args):
         print(f"  torch.compile unavailable here: {type(e).__name__}")
 
 
+# -----------------------------------------------------------------------------
+# dream: closed loop. The player reads only the frames it is shown; the dream starts from the
+# same real frames as the real game and then sees nothing real.
+
+KEYS = {"ALE/Pong-v5": {2: 1, 4: 1, 3: -1, 5: -1}, "ALE/Breakout-v5": {2: 1, 3: -1}}  # action -> paddle direction
+
+
+def scene(game, frame, space):
+    return (common.pong_objects if game == "ALE/Pong-v5" else common.breakout_objects)(frame, space)
+
+
+def player(game, s, rng, eps=0.05):
+    """Follow the ball with the paddle (Pong: rows, RIGHT moves up; Breakout: columns, FIRE
+    serves); with no ball, Pong goes to mid-field. `eps` random actions keep it from repeating."""
+    if rng.random() < eps:
+        return int(rng.integers(6 if game == "ALE/Pong-v5" else 4))
+    if game == "ALE/Pong-v5":
+        d = (s["balls"][0][0] if s["balls"] else 114.0) - s["paddle"] if s["paddle"] is not None else 0.0
+        return 2 if d < -4 else 3 if d > 4 else 0
+    if not s["balls"]:
+        return 1
+    d = s["balls"][0][1] - s["paddle"] if s["paddle"] is not None else 0.0
+    return 2 if d > 4 else 3 if d < -4 else 0
+
+
+def play(wm, env, start, n, seed, dream):
+    """n steps of the player from the `context` frames `start`: in the dream, or in env (which
+    is at the state `start` ends in). -> (frames, scenes, actions)"""
+    rng, frames = np.random.default_rng(seed), list(start)
+    if dream:
+        wm.seed(seed)
+        wm.reset(start)
+    scenes, actions = [scene(wm.game, frames[-1], wm.space)], []
+    for _ in range(n):
+        a = player(wm.game, scenes[-1], rng)
+        if dream:
+            frames.append(wm.step(a))
+        else:
+            obs, _, terminated, truncated, _ = env.step(a)
+            if terminated or truncated:
+                break
+            frames.append(wm.observe(obs))
+        scenes.append(scene(wm.game, frames[-1], wm.space))
+        actions.append(a)
+    return frames, scenes, actions
+
+
+def starts(wm, seed, warmup=70):
+    """(fresh reset, mid-rally): the first `context` frames of a seeded reset, and `context`
+    frames after the player has played `warmup` + 13 * seed steps and a ball is in play; each
+    with the env at that point."""
+    out = []
+    for rally in (False, True):
+        env = common.make_env(wm.game, seed=seed)
+        frames, rng = [wm.observe(env.reset(seed=seed)[0])], np.random.default_rng(seed)
+        while len(frames) < wm.context or rally and (len(frames) < warmup + 13 * seed or
+                                                      not scene(wm.game, frames[-1], wm.space)["balls"]):
+            frames.append(wm.observe(env.step(player(wm.game, scene(wm.game, frames[-1], wm.space), rng))[0]))
+        out.append((env, frames[-wm.context:]))
+    return out
+
+
+def closed_loop_stats(scenes, actions, game, jump, smear):
+    """Per run: the share of frames with a ball; per 1000 steps: serves (a ball after 4 or more
+    frames without one), balls vanishing in mid-field (a real ball leaves by an edge or hides at
+    a paddle or in the bricks), jumps farther than `jump` raw pixels, points each way (Pong) or
+    balls lost at the bottom (Breakout), brick pixels broken; frames with two balls or a blob
+    bigger than `smear`; and how the paddle follows the keys: the correlation of the key's
+    direction at step t with the paddle's move one step later (the emulator answers a key a
+    step late)."""
+    pong, n = game == "ALE/Pong-v5", len(actions)
+    m = dict(ball=0.0, serves=0, vanish=0, multi=0, jumps=0, player=0, opponent=0, bricks=0.0)
+    gap = 0
+    for prev, s in zip(scenes, scenes[1:]):
+        m["ball"] += bool(s["balls"]) / n
+        m["serves"] += bool(s["balls"]) and gap >= 4
+        gap = 0 if s["balls"] else gap + 1
+        m["multi"] += len(s["balls"]) > 1 or any(b[2] > smear for b in s["balls"])
+        if len(prev["balls"]) == len(s["balls"]) == 1:
+            m["jumps"] += np.hypot(*np.subtract(prev["balls"][0][:2], s["balls"][0][:2])) > jump
+        if prev["balls"] and not s["balls"]:
+            row, col, _ = prev["balls"][0]
+            if pong:
+                # a step from the paddles it leaves or hides; at the walls it can hide in their rows
+                edge = "player" if col < 34 else "opponent" if col > 126 else "vanish" if 44 < row < 184 else None
+            else:
+                edge = "vanish" if 105 < row < 177 else "opponent" if row >= 177 else None  # bricks, bottom
+            if edge:
+                m[edge] += 1
+        if not pong:
+            m["bricks"] += max(0.0, prev["bricks"] - s["bricks"])
+    axis = -1 if pong else 1  # Pong's paddle moves up (smaller rows) on its "up" key
+    pad = [s["paddle"] for s in scenes]
+    pairs = [(KEYS[game].get(a, 0), axis * (pad[t + 2] - pad[t + 1])) for t, a in enumerate(actions[:-1])
+             if pad[t + 1] is not None and pad[t + 2] is not None]
+    k, v = np.array(pairs, float).T if pairs else (np.zeros(0), np.zeros(0))
+    m["follow"] = float(np.corrcoef(k, v)[0, 1]) if len(k) > 2 and k.std() > 0 and v.std() > 0 else float("nan")
+    for key in ("serves", "vanish", "jumps", "player", "opponent", "bricks"):
+        m[key] *= 1000 / max(n, 1)
+    m["multi"] /= max(n, 1)
+    return m
+
+
+def drawn_ball(wm, runs, every=5):
+    """The largest ball blob (raw pixels) in the tokenizer's round trip of real frames: how big
+    the dream can draw a ball that is not smeared."""
+    chw = lambda f: torch.as_tensor(f)[None] if f.ndim == 2 else torch.as_tensor(f).permute(2, 0, 1)
+    windows = torch.stack([torch.stack([chw(f) for f in frames[t - wm.context + 1:t + 1]])
+                           for frames in runs for t in range(wm.context - 1, len(frames), every)])
+    drawn = torch.cat([wm.reconstruct(w).cpu() for w in windows.split(256)])
+    return max((b[2] for f in drawn for b in scene(wm.game, common.to_image(f), wm.space)["balls"]), default=60.0)
+
+
+def long_dream_gif(real, dream, path, scale=2):
+    """real | dream, side by side, one frame per step, 2x: the README's headline picture."""
+    import imageio.v2 as imageio
+    frames = []
+    for r, d in zip(real, dream):
+        r, d = common.to_image(r), common.to_image(d)
+        frames.append(np.concatenate([r, np.full((r.shape[0], 2, 3), 255, np.uint8), d], 1).repeat(scale, 0)
+                      .repeat(scale, 1))
+    imageio.mimsave(path, frames, duration=1000 / 15, loop=0)
+
+
+def bench_dream(args):
+    torch.set_num_threads(args.threads)
+    wm = common.load_world(args.world, device=args.device, temperature=args.temperature)
+    if wm.game not in KEYS:
+        raise common.KitError(f"bench.py dream has a frame-reading player for Pong and Breakout only, not {wm.game}")
+    n, runs = args.steps or 600, {}
+    for seed in range(args.seeds):
+        for start, (env, frames) in zip(("reset", "rally"), starts(wm, seed)):
+            for dream in (False, True):
+                runs[start, seed, dream] = play(wm, env, frames, n, seed, dream)
+            env.close()
+    # the real ball's largest step, and its largest blob as the tokenizer draws it, are what "impossible" means
+    real = [runs[k][1] for k in runs if not k[2]]
+    steps = [np.hypot(*np.subtract(a["balls"][0][:2], b["balls"][0][:2])) for sc in real for a, b in zip(sc, sc[1:])
+             if len(a["balls"]) == len(b["balls"]) == 1]
+    jump, smear = max(steps, default=12.0) + 4, 1.25 * drawn_ball(wm, [runs[k][0] for k in runs if not k[2]])
+    stats = {k: closed_loop_stats(v[1], v[2], wm.game, jump, smear) for k, v in runs.items()}
+    mean = lambda key, start, dream: np.nanmean([stats[start, s, dream][key] for s in range(args.seeds)])
+    print(f"closed loop, {args.world} at temperature {wm.temperature:g}: {n} steps from each of {args.seeds} "
+          f"fresh resets and {args.seeds} rallies (jump: over {jump:.0f} raw px; smear: over {smear:.0f} raw px^2)")
+    print("| | start | real game | dream |\n|---|---|---|---|")
+    rows = [("share of frames with a ball", "ball", "{:.2f}"), ("serves per 1000 steps", "serves", "{:.1f}"),
+            ("ball vanishing in mid-field per 1000 steps", "vanish", "{:.1f}"),
+            ("frames with two balls or a smear", "multi", "{:.1%}"),
+            ("impossible jumps per 1000 steps", "jumps", "{:.1f}"),
+            ("paddle follows the keys (correlation)", "follow", "{:.2f}")]
+    if wm.game == "ALE/Pong-v5":
+        rows += [("points per 1000 steps: player", "player", "{:.1f}"),
+                 ("points per 1000 steps: opponent", "opponent", "{:.1f}")]
+    else:
+        rows += [("balls lost per 1000 steps", "opponent", "{:.1f}"), ("brick pixels broken per 1000 steps", "bricks", "{:.0f}")]
+    for label, key, fmt in rows:
+        for start in ("reset", "rally"):
+            print(f"| {label} | {start} | {fmt.format(mean(key, start, False))} | {fmt.format(mean(key, start, True))} |")
+    name = wm.game[4:-3].lower()
+    gif = args.gif or os.path.join("assets", f"{name}_long_dream.gif")
+    long_dream_gif(runs["reset", 0, False][0][wm.context:], runs["reset", 0, True][0][wm.context:], gif)
+    print(f"wrote {gif}: real | dream, {n} steps from a fresh reset (seed 0)")
+
+
 def main():
     args = p.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
@@ -136,6 +320,8 @@ def main():
         bench_collect(args)
     if args.what in ("world", "all"):
         bench_world(args)
+    if args.what in ("dream", "all"):
+        bench_dream(args)
 
 
 if __name__ == "__main__":

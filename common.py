@@ -585,11 +585,12 @@ def file_key(path):
 
 
 @torch.no_grad()
-def _encoded(data_dir, tok_path, encode, space, game, skip_bad, name):
+def _encoded(data_dir, tok_path, encode, space, game, skip_bad, name, frames=None):
     """encode(frames) of every episode of `data_dir` (frames (N+1, C, H, W) uint8 in `space`
     -> a numpy array): {file name: array}, cached in data_dir/<name>.npz under the tokenizer
     checkpoint's hash, so that the dynamics never re-encode frames. A cache built by another
-    tokenizer is detected and rebuilt; episodes added since are encoded and appended."""
+    tokenizer is detected and rebuilt; episodes added since are encoded and appended. `frames`
+    ({file name: frames in `space`}) saves reading again the episodes a trainer holds."""
     from tqdm import tqdm
     key, path = file_key(tok_path), os.path.join(data_dir, f"{name}.npz")
     files = episode_files(data_dir)
@@ -607,6 +608,9 @@ def _encoded(data_dir, tok_path, encode, space, game, skip_bad, name):
             print(f"{name} cache {path} is unreadable: rebuilding", file=sys.stderr)
     todo = [f for f in files if os.path.basename(f) not in cached]
     for f in tqdm(todo, desc=f"encode {name}", unit="ep", leave=False):
+        if frames and os.path.basename(f) in frames:
+            cached[os.path.basename(f)] = encode(frames[os.path.basename(f)])
+            continue
         try:
             ep = load_episode(f, keys=["frames", "actions", "game"])
         except KitError as e:
@@ -622,23 +626,23 @@ def _encoded(data_dir, tok_path, encode, space, game, skip_bad, name):
     return cached
 
 
-def token_cache(data_dir, tok_path, tok, space, device, game, skip_bad=False, batch=256):
+def token_cache(data_dir, tok_path, tok, space, device, game, skip_bad=False, batch=256, frames=None):
     """Tokens of every episode: {file name: (N+1, h, w) int64}, cached in data_dir/tokens.npz."""
     tok = tok.to(device).eval()
     encode = lambda frames: torch.cat([tok.encode(x.to(device)).cpu() for x in frames.split(batch)]).numpy().astype(
         np.int16)
-    cached = _encoded(data_dir, tok_path, encode, space, game, skip_bad, "tokens")
+    cached = _encoded(data_dir, tok_path, encode, space, game, skip_bad, "tokens", frames)
     return {k: torch.from_numpy(v.astype(np.int64)) for k, v in cached.items()}
 
 
-def latent_cache(data_dir, ae_path, ae, space, device, game, skip_bad=False, batch=256):
+def latent_cache(data_dir, ae_path, ae, space, device, game, skip_bad=False, batch=256, frames=None):
     """Latents of every episode: {file name: (N + 2 - stack, latent_dim) float32}, latent j
     encoding frames j .. j + stack - 1; cached in data_dir/latents.npz."""
     ae = ae.to(device).eval()
     encode = lambda frames: torch.cat([torch.zeros(0, ae.latent_dim)] + [  # an episode may be shorter than a stack
         ae.encode(stack_frames(frames, ae.stack, starts).to(device)).cpu()
         for starts in torch.arange(len(frames) - ae.stack + 1).split(batch)]).numpy()
-    cached = _encoded(data_dir, ae_path, encode, space, game, skip_bad, "latents")
+    cached = _encoded(data_dir, ae_path, encode, space, game, skip_bad, "latents", frames)
     return {k: torch.from_numpy(v) for k, v in cached.items()}
 
 
@@ -744,16 +748,21 @@ class VQVAE(nn.Module):
     of the full-resolution convs (doubling at each stride-2 stage); `code_dim`: channels at the
     token grid, which is the size of each codebook vector; `n_codes`: the codebook's size."""
 
-    def __init__(self, in_ch=3, hidden=32, code_dim=64, n_codes=64, down=2, n_res=2):
+    def __init__(self, in_ch=3, hidden=32, code_dim=64, n_codes=64, down=2, n_res=2, patch=False):
         super().__init__()
         self.n_codes, self.down = n_codes, down
-        enc = [nn.Conv2d(in_ch, hidden, 3, padding=1)]
-        c = hidden
-        for i in range(down):
-            c_out = code_dim if i == down - 1 else hidden * 2 ** (i + 1)
-            enc += [nn.Conv2d(c, c_out, 4, stride=2, padding=1), nn.GroupNorm(groups(c_out), c_out), nn.GELU()]
-            c = c_out
-        enc += [ResBlock(code_dim) for _ in range(n_res)] + [nn.Conv2d(code_dim, code_dim, 1)]
+        if patch:  # each token sees its own patch and nothing else: same pixels, same token
+            w, k = hidden * 2 ** down, 2 ** down
+            enc = [nn.Conv2d(in_ch, w, k, stride=k), nn.GELU(), nn.Conv2d(w, w, 1), nn.GELU(), nn.Conv2d(w, w, 1),
+                   nn.GELU(), nn.Conv2d(w, code_dim, 1)]
+        else:
+            enc = [nn.Conv2d(in_ch, hidden, 3, padding=1)]
+            c = hidden
+            for i in range(down):
+                c_out = code_dim if i == down - 1 else hidden * 2 ** (i + 1)
+                enc += [nn.Conv2d(c, c_out, 4, stride=2, padding=1), nn.GroupNorm(groups(c_out), c_out), nn.GELU()]
+                c = c_out
+            enc += [ResBlock(code_dim) for _ in range(n_res)] + [nn.Conv2d(code_dim, code_dim, 1)]
         self.encoder = nn.Sequential(*enc)
         self.quantizer = VectorQuantizer(n_codes, code_dim)
         dec = [nn.Conv2d(code_dim, code_dim, 1)] + [ResBlock(code_dim) for _ in range(n_res)]
@@ -873,32 +882,73 @@ class FiLMBlock(nn.Module):
 
 
 class TokenDynamics(nn.Module):
-    def __init__(self, n_codes, n_actions, grid, context=4, emb=32, dim=96, n_blocks=4):
+    """Next-frame token logits from `context` frames of tokens and the last `actions` actions.
+    More than one action because Pong's paddle answers a key over two steps: the frames show
+    what the older keys did, not what the last one is doing (a previous action before the
+    first frame is unknown: index n_actions). `memory` > 0 adds the steps since each cell's
+    token last changed, capped at `memory` (ages() below): a cheap memory for hidden timers
+    longer than the context, such as Pong's serve, 16 steps after a point, which four frames of
+    an empty field cannot count. `masked` adds the next frame as far as it is decided (MASK
+    where it is not) as an input, so that the uncertain cells of a frame can be drawn given each
+    other (MaskGIT, Chang et al. 2022): one ball served, not two halves of two balls."""
+
+    def __init__(self, n_codes, n_actions, grid, context=4, emb=32, dim=96, n_blocks=4, memory=0, masked=False,
+                 actions=1):
         super().__init__()
         self.n_codes, self.n_actions, self.context = n_codes, n_actions, context
+        self.memory, self.masked, self.actions = memory, masked, actions
+        n_act = n_actions if actions == 1 else actions * (n_actions + 1)  # per lag, and "unknown"
         self.tok = nn.Embedding(n_codes, emb)
         self.time = nn.Parameter(torch.zeros(context, emb, 1, 1))
-        self.inp = nn.Conv2d(context * emb, dim, 3, padding=1)
-        self.act = nn.Embedding(n_actions, dim)
-        self.act_bias = nn.Parameter(torch.zeros(n_actions, dim, *grid))
+        self.age = nn.Embedding(memory + 2, emb) if memory else None  # 0..memory, and memory + 1: unknown
+        self.partial = nn.Embedding(n_codes + 1, emb) if masked else None  # index n_codes: MASK
+        self.inp = nn.Conv2d((context + bool(memory) + masked) * emb, dim, 3, padding=1)
+        self.act = nn.Embedding(n_act, dim)
+        self.act_bias = nn.Parameter(torch.zeros(n_act, dim, *grid))
         self.blocks = nn.ModuleList(FiLMBlock(dim, dim) for _ in range(n_blocks))
         self.out = nn.Sequential(nn.GroupNorm(groups(dim), dim), nn.GELU(), nn.Conv2d(dim, n_codes, 1))
         self.copy = nn.Parameter(torch.tensor(3.0))
 
-    def forward(self, hist, action):
-        """hist (B, T, h, w) long tokens, oldest first; action (B,) long, or (B, n_actions) float
-        weights (a straight-through one-hot from train_latent_action.py) -> logits (B, n_codes, h, w)"""
+    def forward(self, hist, action, age=None, partial=None):
+        """hist (B, T, h, w) long tokens, oldest first; action (B,) long, the action now, or (B,
+        actions) long, the last actions, oldest first (n_actions: unknown), or (B, n_actions) float
+        weights (a straight-through one-hot from train_latent_action.py); age (B, h, w) long, the
+        memory; partial (B, h, w) long, the next frame's tokens decided so far, n_codes where not
+        (None: nothing decided) -> logits (B, n_codes, h, w)"""
         B, T, h, w = hist.shape
-        e = self.tok(hist).permute(0, 1, 4, 2, 3) + self.time  # (B, T, emb, h, w)
+        x = (self.tok(hist).permute(0, 1, 4, 2, 3) + self.time).reshape(B, -1, h, w)  # T frames of embeddings
+        if self.memory:
+            x = torch.cat([x, self.age(age).permute(0, 3, 1, 2)], 1)
+        if self.masked:
+            partial = torch.full_like(hist[:, -1], self.n_codes) if partial is None else partial
+            x = torch.cat([x, self.partial(partial).permute(0, 3, 1, 2)], 1)
         if action.is_floating_point():
             a, bias = action @ self.act.weight, torch.einsum("bn,nchw->bchw", action, self.act_bias)
-        else:
-            a, bias = self.act(action), self.act_bias[action]
-        x = self.inp(e.reshape(B, -1, h, w)) + bias
+        else:  # one embedding per (lag, action), summed over the lags
+            action = action.view(B, -1)[:, -self.actions:]
+            if self.actions > 1:
+                action = action + (self.n_actions + 1) * torch.arange(self.actions, device=action.device)
+            a, bias = self.act(action).sum(1), self.act_bias[action].sum(1)
+        x = self.inp(x) + bias
         for blk in self.blocks:
             x = blk(x, a)
         copy = F.one_hot(hist[:, -1], self.n_codes).permute(0, 3, 1, 2).to(x.dtype)
         return self.out(x) + self.copy * copy
+
+
+def ages(tokens, cap, unknown=False):
+    """Steps since each cell's token last changed: tokens (..., N, h, w) -> (..., N, h, w) long,
+    0 at every change, at most `cap`. The first frame is a change (an episode starts with a
+    reset, which changes every cell), or, `unknown`, a past the frames do not tell: cap + 1
+    until the cell changes (a dream started from real frames of any moment)."""
+    out = torch.full_like(tokens, cap + 1 if unknown else 0)
+    for t in range(1, tokens.shape[-3]):
+        out[..., t, :, :] = next_age(out[..., t - 1, :, :], tokens[..., t - 1, :, :], tokens[..., t, :, :], cap)
+    return out
+
+
+def next_age(age, last, nxt, cap):
+    return torch.where(nxt != last, 0, torch.where(age > cap, age, (age + 1).clamp(max=cap)))
 
 
 class TokenAttention(nn.Module):
@@ -922,7 +972,7 @@ class TokenAttention(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, n_codes))
         self.copy = nn.Parameter(torch.tensor(3.0))
 
-    def forward(self, hist, action):
+    def forward(self, hist, action, age=None, partial=None):
         B, T, h, w = hist.shape
         x = (self.tok(hist.flatten(2)) + self.time).sum(1) + self.pos + self.act_bias[action]
         x = torch.cat([self.act(action)[:, None], x], 1)
@@ -1034,8 +1084,8 @@ class LatentActionDynamics(nn.Module):
     def latent_action(self, hist, action):
         return self.map(hist, action).argmax(1)
 
-    def forward(self, hist, action):
-        return self.dynamics(hist, self.latent_action(hist, action))
+    def forward(self, hist, action, age=None, partial=None):
+        return self.dynamics(hist, self.latent_action(hist, action), age, partial)
 
 
 def make_dynamics(arch, **kw):
@@ -1057,6 +1107,11 @@ def make_dynamics(arch, **kw):
 # Under it, the batched core that evaluations and many-dream callers use:
 #   wm.reset_batch(frames (B, context, C, H, W) uint8); wm.step_batch(actions (B,)) -> (B, C, H, W) uint8
 
+TEMPERATURE = 1.0  # token worlds sample their next frame; 0 is the argmax
+SURE = 0.9  # TokenWorld.decode: a token drawn with at least this probability is kept at once
+TOP_P = 0.9  # TokenWorld draws each token from the most likely tokens that hold this probability
+
+
 class World:
     """What every world shares: the frame space in and out, the checks, compile(), and the
     one-dream contract over the batched core (reset_batch, step_batch) that each kind of world
@@ -1068,7 +1123,20 @@ class World:
         self.tok, self.dyn = tok.to(self.device).eval(), dyn.to(self.device).eval()
         self.space, self.game, self.action_meanings = space, game, list(action_meanings)
         self.context, self.n_actions = context, dyn.n_actions
-        self.hist = None
+        self.hist, self.generators = None, None
+        self.seed(0)
+
+    def seed(self, seed):
+        """Make the dreams that follow reproducible: after seed(n), the same start and actions give
+        the same dream, and another n another dream. Dream i of a batch draws from seed n + i."""
+        self._seed, self.generators = int(seed), None
+
+    def _streams(self, batch, seeds=None):
+        """One random stream per dream in flight: from `seeds`, from seed() anew, or going on."""
+        if seeds is not None:
+            self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        elif self.generators is None or len(self.generators) != batch:
+            self.generators = [torch.Generator().manual_seed(self._seed + i) for i in range(batch)]
 
     def compile(self):
         """torch.compile the dynamics and the decoder: ~10% faster token-world steps on a 2-core
@@ -1110,22 +1178,103 @@ class World:
 
 
 class TokenWorld(World):
-    """VQ-VAE tokenizer + token dynamics: `context` frames of tokens in, the argmax tokens out."""
+    """VQ-VAE tokenizer + token dynamics: `context` frames of tokens in, the next frame's tokens
+    out: the argmax at temperature 0; else drawn from the predicted distribution at
+    `temperature`, and, with a masked model, drawn again where unsure given the sure cells, for
+    up to `passes` passes (decode())."""
 
-    def __init__(self, tok, dyn, space, game, action_meanings, device="cpu"):
+    def __init__(self, tok, dyn, space, game, action_meanings, device="cpu", temperature=0.0, passes=4, top_p=TOP_P):
         super().__init__(tok, dyn, space, game, action_meanings, device, dyn.context)
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise KitError(f"temperature must be 0 or more (0: the argmax), got {temperature}")
+        self.temperature, self.passes, self.top_p = float(temperature), passes, top_p
+        self.memory, self.age = getattr(dyn, "memory", 0), None
+        self.past = None  # the actions before this one that the dynamics also see
 
     @torch.inference_mode()
-    def reset_batch(self, frames):
+    def reset_batch(self, frames, seeds=None):
         tokens = self.tok.encode(frames.flatten(0, 1).to(self.device))
         self.hist = tokens.view(*frames.shape[:2], *tokens.shape[1:])  # (B, T, h, w)
+        # what happened before the first frame is unknown: so are the ages of the cells that never change in them
+        self.age = ages(self.hist, self.memory, unknown=True)[:, -1] if self.memory else None
+        self.past = torch.full((len(frames), getattr(self.dyn, "actions", 1) - 1), self.n_actions, device=self.device)
+        self._streams(len(frames), seeds)
 
     @torch.inference_mode()
     def step_batch(self, actions):
-        return self._advance(self.dyn(self.hist, self._actions(actions)))
+        a = self._actions(actions)
+        if self.past.shape[1]:  # the dynamics see the last actions, oldest first
+            a = torch.cat([self.past, a[:, None]], 1)
+            self.past = a[:, 1:]
+        return self._advance(self.decode(lambda rows, partial: self.dyn(
+            self.hist[rows], a[rows], None if self.age is None else self.age[rows], partial)))
 
-    def _advance(self, logits):
-        nxt = logits.argmax(1)
+    @torch.inference_mode()
+    def reconstruct(self, frames):
+        """The tokenizer's round trip of the newest frame of each window (B, T, C, H, W) uint8:
+        the best any dream can do in this frame space."""
+        return to_uint8(self.tok.decode(self.tok.encode(frames[:, -1].to(self.device))))
+
+    def decode(self, predict):
+        """The next frame's tokens from predict(rows, partial) -> logits of those dreams, given
+        the next frame decided so far (None: nothing). Each token is drawn by the Gumbel-max
+        trick with its dream's own noise. Tokens drawn with probability under SURE are drawn
+        again, given the others, half of them at a time, surest first: confidence-ordered
+        decoding as MaskGIT's, which needs a model trained with partly hidden next frames."""
+        all_rows = torch.arange(len(self.hist), device=self.device)
+        logits = predict(all_rows, None)
+        if self.temperature == 0:
+            return logits.argmax(1)
+        nxt, conf = self._draw(logits, all_rows)
+        unsure = conf < SURE
+        for _ in range(self.passes - 1 if getattr(self.dyn, "masked", False) else 0):
+            rows = unsure.flatten(1).any(1).nonzero()[:, 0]
+            if not len(rows):
+                break
+            u = unsure[rows]
+            keep = (u.flatten(1).sum(1) + 1) // 2  # of each dream's unsure cells, the surest half stays
+            score = conf[rows].log() + self.temperature * self._gumbel(u.shape[1:], rows)  # MaskGIT's choice noise
+            rank = torch.where(u, score, math.inf).flatten(1).argsort(1).argsort(1).view_as(u)  # least sure: 0
+            redo = u & (rank < (u.flatten(1).sum(1) - keep)[:, None, None])
+            again, conf2 = self._draw(predict(rows, torch.where(redo, self.dyn.n_codes, nxt[rows])), rows)
+            nxt[rows], conf[rows] = torch.where(redo, again, nxt[rows]), torch.where(redo, conf2, conf[rows])
+            unsure[rows] = redo & (conf2 < SURE)
+        return nxt
+
+    def _uniform(self, shape, rows):
+        u = torch.stack([torch.rand(shape, generator=self.generators[r]) for r in rows.tolist()])
+        return u.clamp(1e-12, 1 - 1e-7).to(self.device)
+
+    def _gumbel(self, shape, rows):
+        return -torch.log(-torch.log(self._uniform(shape, rows)))
+
+    def _draw(self, logits, rows):
+        """Each cell of the dreams `rows`, drawn in two steps: does it change, and if so, into
+        which token. Both at the temperature, the second from its nucleus (the fewest tokens
+        with `top_p` of the probability, Holtzman et al. 2020). A ball the model is sure is
+        there, but not sure which of its tokens (one pixel on, one off), is kept; and over
+        hundreds of cells a frame, the unlikely tail of every cell adds no stray objects.
+        -> (tokens, the probability of each drawn outcome)"""
+        copy = self.hist[rows, -1]
+        logp = logits.log_softmax(1)
+        stay = logp.gather(1, copy[:, None])[:, 0]
+        change = (torch.log1p(-stay.exp().clamp(max=1 - 1e-6)) - stay) / self.temperature  # logit of a change
+        u = self._uniform(change.shape[1:], rows)
+        changes = change + torch.log(u) - torch.log1p(-u) > 0
+        p = (logp / self.temperature).masked_fill(F.one_hot(copy, logits.shape[1]).permute(0, 3, 1, 2).bool(),
+                                                  -math.inf).softmax(1)
+        top, order = p.sort(1, descending=True)
+        inside = top.cumsum(1) - top < self.top_p
+        p = torch.where(torch.zeros_like(inside).scatter(1, order, inside), p, 0.0)
+        p = p / p.sum(1, keepdim=True)
+        other = (p.log() + self._gumbel(p.shape[1:], rows)).argmax(1)
+        sure = torch.sigmoid(change)
+        return (torch.where(changes, other, copy),
+                torch.where(changes, sure * p.gather(1, other[:, None])[:, 0], 1 - sure))
+
+    def _advance(self, nxt):
+        if self.memory:
+            self.age = next_age(self.age, self.hist[:, -1], nxt, self.memory)
         self.hist = torch.cat([self.hist[:, 1:], nxt[:, None]], 1)
         return to_uint8(self.tok.decode(nxt))
 
@@ -1135,8 +1284,8 @@ class LatentActionWorld(TokenWorld):
     to latent actions; step_latent_action(i) fires latent action i directly (play.py
     --latent-actions)."""
 
-    def __init__(self, tok, dyn, space, game, action_meanings, device="cpu", mapped=True):
-        super().__init__(tok, dyn, space, game, action_meanings, device)
+    def __init__(self, tok, dyn, space, game, action_meanings, device="cpu", temperature=0.0, mapped=True):
+        super().__init__(tok, dyn, space, game, action_meanings, device, temperature)
         self.n_latent_actions, self.mapped = dyn.n_latent_actions, mapped
 
     def step_batch(self, actions):
@@ -1151,8 +1300,9 @@ class LatentActionWorld(TokenWorld):
             raise KitError("call reset(frames) before step_latent_action(i)")
         if not 0 <= int(latent_action) < self.n_latent_actions:
             raise KitError(f"latent action {latent_action} out of range 0..{self.n_latent_actions - 1}")
-        logits = self.dyn.dynamics(self.hist, torch.tensor([int(latent_action)], device=self.device))
-        return self._frame(self._advance(logits)[0].cpu())
+        a = torch.tensor([int(latent_action)], device=self.device)
+        return self._frame(self._advance(self.decode(lambda rows, partial: self.dyn.dynamics(
+            self.hist[rows], a[rows], None if self.age is None else self.age[rows], partial)))[0].cpu())
 
 
 class LatentWorld(World):
@@ -1165,10 +1315,17 @@ class LatentWorld(World):
         self.h = None
 
     @torch.inference_mode()
-    def reset_batch(self, frames):
+    def reset_batch(self, frames, seeds=None):
         stacks = torch.stack([stack_frames(f, self.tok.stack) for f in frames.to(self.device)])  # (B, L, S*C, H, W)
         self.hist = self.tok.encode(stacks.flatten(0, 1)).view(*stacks.shape[:2], -1)  # (B, L, D)
         self.h = None  # the GRU runs over the history at the first step
+        self._streams(len(frames), seeds)  # deterministic dynamics: nothing is drawn from them
+
+    @torch.inference_mode()
+    def reconstruct(self, frames):
+        """The autoencoder's round trip of the newest frame of each window (B, T, C, H, W) uint8."""
+        stacks = frames[:, -self.tok.stack:].flatten(1, 2).to(self.device)
+        return to_uint8(self.tok.decode(self.tok.encode(stacks), last=True))
 
     @torch.inference_mode()
     def step_batch(self, actions):
@@ -1177,9 +1334,10 @@ class LatentWorld(World):
         return to_uint8(self.tok.decode(nxt, last=True))
 
 
-def load_world(path, device="cpu"):
+def load_world(path, device="cpu", temperature=TEMPERATURE):
     """Any world checkpoint the kit writes -> an object keeping the contract above. A world over
-    an autoencoder says so in tokenizer_kind; one without it is over a VQ-VAE."""
+    an autoencoder says so in tokenizer_kind; one without it is over a VQ-VAE. Token worlds draw
+    their next frame at `temperature` (latent worlds are deterministic and ignore it)."""
     ck = load_checkpoint(path, ("world",))
     latent = ck.get("tokenizer_kind", "vqvae") == "ae"
     try:
@@ -1190,9 +1348,11 @@ def load_world(path, device="cpu"):
     except (KeyError, TypeError, RuntimeError) as e:
         raise KitError(f"{path} does not fit this version of the kit ({first_line(e)})") from None
     args = (tok, dyn, ck["frame_space"], ck["game"], ck["action_meanings"], device)
+    if latent:
+        return LatentWorld(*args)
     if ck["model_args"]["arch"] == "lam":
-        return LatentActionWorld(*args, mapped=ck.get("map_step", 0) > 0)
-    return LatentWorld(*args) if latent else TokenWorld(*args)
+        return LatentActionWorld(*args, temperature, mapped=ck.get("map_step", 0) > 0)
+    return TokenWorld(*args, temperature)
 
 
 # =============================================================================
@@ -1217,36 +1377,79 @@ def frame_mse(a, b):
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)
 
 
+def blobs(mask, weight):
+    """The 8-connected blobs of a small boolean mask -> [(row, col, pixels, peak)], brightest
+    first; centroids weighted by `weight` (a float array of the mask's shape)."""
+    seen, out = np.zeros_like(mask), []
+    for r, c in zip(*np.nonzero(mask)):
+        if seen[r, c]:
+            continue
+        todo, pix, seen[r, c] = [(r, c)], [], True
+        while todo:
+            y, x = todo.pop()
+            pix.append((y, x))
+            for yy in range(max(y - 1, 0), min(y + 2, mask.shape[0])):
+                for xx in range(max(x - 1, 0), min(x + 2, mask.shape[1])):
+                    if mask[yy, xx] and not seen[yy, xx]:
+                        seen[yy, xx] = True
+                        todo.append((yy, xx))
+        ys, xs = np.array(pix).T
+        w = weight[ys, xs]
+        out.append(((ys + 0.5) @ w / w.sum(), (xs + 0.5) @ w / w.sum(), len(pix), float(w.max())))
+    return sorted(out, key=lambda b: -b[3])
+
+
+def _gray(frame, space):
+    """frame H x W (x C) uint8 in `space` -> (luminance, raw pixels per row, per column)"""
+    H, W, _ = frame_shape(space)
+    f = np.asarray(frame, np.float32)
+    return (f if f.ndim == 2 else f @ np.array([0.299, 0.587, 0.114], np.float32)), 210 / H, 160 / W
+
+
 PONG_FIELD = (34, 194)      # raw rows of the play field (between the white walls)
 PONG_PLAYER = (140, 144)    # raw columns of the player's (right, green) paddle
 PONG_OPPONENT = (16, 20)    # raw columns of the opponent's paddle
 
 
 def pong_objects(frame, space):
-    """frame: H x W (x C) uint8 in `space` -> (paddle_row, ball_row, ball_col) in raw pixels,
-    each None when not visible. The ball is searched outside the paddles' columns."""
-    H, W, _ = frame_shape(space)
-    sy, sx = 210 / H, 160 / W
-    f = np.asarray(frame, np.float32)
-    g = f if f.ndim == 2 else f @ np.array([0.299, 0.587, 0.114], np.float32)
+    """A Pong frame in `space` -> {"paddle": the player's paddle row or None, "balls": [(row,
+    col, area)]} in raw 210x160 pixels (area in raw pixels), brightest ball first. Balls are
+    blobs of the field outside the paddles' columns that stand out of the background by 40."""
+    g, sy, sx = _gray(frame, space)
     r0, r1 = int(np.ceil(PONG_FIELD[0] / sy)), int(PONG_FIELD[1] / sy)
     fg = np.abs(g[r0:r1] - 87.0)  # Pong's background is luminance 87; paddles ~147, ball 236
     fg[fg < 25] = 0
     cols = lambda c: slice(int(c[0] / sx), int(np.ceil(c[1] / sx)))
     pad = fg[:, cols(PONG_PLAYER)].sum(1)
-    paddle = None
-    if pad.sum() > 60:
-        paddle = (np.sum(pad * (np.arange(len(pad)) + 0.5)) / pad.sum() + r0) * sy
-    field = fg.copy()
-    field[:, cols(PONG_PLAYER)] = 0
-    field[:, cols(PONG_OPPONENT)] = 0
-    ball = (None, None)
-    if field.max() > 40:
-        r, c = np.unravel_index(field.argmax(), field.shape)
-        win = field[max(r - 2, 0):r + 3, max(c - 2, 0):c + 3]
-        rr, cc = np.mgrid[max(r - 2, 0):max(r - 2, 0) + win.shape[0], max(c - 2, 0):max(c - 2, 0) + win.shape[1]]
-        ball = ((np.sum(win * (rr + 0.5)) / win.sum() + r0) * sy, np.sum(win * (cc + 0.5)) / win.sum() * sx)
-    return paddle, ball[0], ball[1]
+    paddle = (pad @ (np.arange(len(pad)) + 0.5) / pad.sum() + r0) * sy if pad.sum() > 60 else None
+    fg[:, cols(PONG_PLAYER)] = 0
+    fg[:, cols(PONG_OPPONENT)] = 0
+    balls = [((r + r0) * sy, c * sx, n * sy * sx) for r, c, n, peak in blobs(fg > 0, fg) if peak > 40]
+    return {"paddle": paddle, "balls": balls}
+
+
+BREAKOUT_FIELD = (32, 152, 8, 152)  # raw rows from the top wall down to the paddle, columns between the walls
+BREAKOUT_BRICKS = (57, 93)          # raw rows of the six brick rows
+BREAKOUT_PADDLE = (189, 193)        # raw rows of the paddle
+
+
+def breakout_objects(frame, space):
+    """A Breakout frame in `space` -> {"paddle": its column or None, "balls": [(row, col,
+    area)], "bricks": raw pixels of brick left} in raw 210x160 pixels. Balls are searched
+    between the walls, above the paddle and outside the brick rows (a ball in a brick gap is
+    not seen); the background is black."""
+    g, sy, sx = _gray(frame, space)
+    rows = lambda a, b: slice(int(np.ceil(a / sy)), int(b / sy))
+    c0, c1 = int(np.ceil(BREAKOUT_FIELD[2] / sx)), int(BREAKOUT_FIELD[3] / sx)
+    pad = np.clip(g[rows(*BREAKOUT_PADDLE), c0:c1] - 20, 0, None).sum(0)
+    paddle = (pad @ (np.arange(len(pad)) + 0.5) / pad.sum() + c0) * sx if pad.sum() > 60 else None
+    bricks = float((g[rows(*BREAKOUT_BRICKS), c0:c1] > 20).sum()) * sy * sx
+    fg = np.zeros_like(g)
+    r0, r1 = int(np.ceil(BREAKOUT_FIELD[0] / sy)), int(BREAKOUT_PADDLE[0] / sy) - 1
+    fg[r0:r1, c0:c1] = np.clip(g[r0:r1, c0:c1] - 20, 0, None)
+    fg[rows(*BREAKOUT_BRICKS)] = 0
+    balls = [(r * sy, c * sx, n * sy * sx) for r, c, n, peak in blobs(fg > 10, fg) if peak > 25]
+    return {"paddle": paddle, "balls": balls, "bricks": bricks}
 
 
 def pong_scores(dream, real, space, k):
@@ -1255,11 +1458,12 @@ def pong_scores(dream, real, space, k):
     share of frames with a real ball whose dream has a ball within 8 raw pixels of it."""
     pad, ball = [], []
     for d, r in zip(dream, real):
-        (rp, rb, rc), (dp, db, dc) = [pong_objects(to_image(x), space) for x in (r, d)]
-        if rp is not None:
-            pad.append(abs(dp - rp) if dp is not None else 210.0)
-        if rb is not None:
-            ball.append(db is not None and np.hypot(db - rb, dc - rc) <= 8)
+        want, got = pong_objects(to_image(r), space), pong_objects(to_image(d), space)
+        if want["paddle"] is not None:
+            pad.append(abs(got["paddle"] - want["paddle"]) if got["paddle"] is not None else 210.0)
+        if want["balls"]:
+            (rb, rc, _), seen = want["balls"][0], got["balls"][:1]
+            ball.append(bool(seen) and np.hypot(seen[0][0] - rb, seen[0][1] - rc) <= 8)
     pad, ball = np.array(pad), np.array(ball, float)
     stat = lambda x, f: float(f(x)) if len(x) else float("nan")  # plain floats: checkpoints load with weights_only
     return {f"paddle_px@{k}": stat(pad, np.mean), f"paddle_median@{k}": stat(pad, np.median),
@@ -1271,7 +1475,8 @@ def open_loop(wm, frames, actions, horizons=HORIZONS):
     """Dream from the first `wm.context` real frames with the true actions and score the dream
     against the real frames: frames (B, context + max(horizons), C, H, W) uint8 in wm's frame
     space, actions (B, max(horizons)). -> psnr@h and copy_psnr@h (the last real frame as the
-    prediction) at each horizon; on Pong, pong_scores at 10 and 30 steps."""
+    prediction) at each horizon; on Pong, pong_scores (the ball at every horizon, the paddle at
+    10 and 30 steps)."""
     T, pong = wm.context, wm.game == "ALE/Pong-v5"
     wm.reset_batch(frames[:, :T])
     m = {}
@@ -1281,8 +1486,9 @@ def open_loop(wm, frames, actions, horizons=HORIZONS):
             real = frames[:, T - 1 + k]
             m[f"psnr@{k}"] = psnr(frame_mse(dream, real)).mean().item()
             m[f"copy_psnr@{k}"] = psnr(frame_mse(frames[:, T - 1], real)).mean().item()
-            if pong and k in (10, 30):
-                m.update(pong_scores(dream, real, wm.space, k))
+            if pong:  # the ball at every horizon: where it is lost; the paddle at 10 and 30
+                m.update({key: v for key, v in pong_scores(dream, real, wm.space, k).items()
+                          if k in (10, 30) or key.startswith("ball")})
     return m
 
 

@@ -40,7 +40,10 @@ import common
 
 p = common.flags(__doc__)
 p.add_argument("--world", default="checkpoints/pong/world.pt", help="world-model checkpoint from train_world.py")
-p.add_argument("--seed", type=int, default=0, help="env reset seed of the start; R restarts with seed+1, seed+2, ...")
+p.add_argument("--seed", type=int, default=0,
+               help="seed of the start (env reset) and of the dream's draws; R restarts with seed+1, seed+2, ...")
+p.add_argument("--temperature", type=common.nonneg_float, default=common.TEMPERATURE,
+               help="how the dream draws its next frame: 0 the most likely one, higher more varied")
 p.add_argument("--warmup", type=common.nonneg_int, default=None,
                help="NOOP steps before the dream starts, at least context - 1 (for context real frames); "
                     "None: that minimum")
@@ -109,6 +112,8 @@ class Session:
 
     def sync(self):
         """Re-start the dream from the last `context` real frames: the drift so far is forgiven."""
+        if hasattr(self.wm, "seed"):  # a world beyond the contract's four: its draws are reproducible too
+            self.wm.seed(self.args.seed + self.restarts)
         self.wm.reset(list(self.history))
         self.real = self.dream = self.history[-1]
         self.err = self.mse = 0.0
@@ -398,7 +403,7 @@ def main():
     if not headless:
         common.check_display("use --gif out.gif for a headless dream (or --benchmark N)")
     torch.set_num_threads(args.threads)
-    wm = common.load_world(args.world, device=common.pick_device(args.device))
+    wm = common.load_world(args.world, device=common.pick_device(args.device), temperature=args.temperature)
     if args.compile:
         wm.compile()
     if args.latent_actions:

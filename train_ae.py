@@ -207,7 +207,8 @@ def train_autoencoder(args, out, name, device):
         print(f"interrupted at step {step}: checkpoint saved to {out} (continue with --resume)", file=sys.stderr)
         sys.exit(130)
     bar.close()
-    common.latent_cache(args.data, out, model, args.frame_space, device, meta["game"], args.skip_bad)
+    common.latent_cache(args.data, out, model, args.frame_space, device, meta["game"], args.skip_bad,
+                        frames={ep["file"]: ep["frames"] for ep in train + val})
     print(f"autoencoder: {step} steps ({(time.time() - t0) / 60:.1f} min this run), val PSNR "
           f"{metrics.get('val_psnr', float('nan')):.2f} dB, val MSE {metrics.get('val_mse', float('nan')):.6f}; "
           f"wrote {out}, {png} and the latent cache")

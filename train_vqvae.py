@@ -35,6 +35,9 @@ p.add_argument("--hidden", type=common.positive_int, default=16, help="channels 
 p.add_argument("--code-dim", type=common.positive_int, default=32,
                help="channels at the token grid: the size of each codebook vector")
 p.add_argument("--codes", type=common.positive_int, default=64, help="codebook size (seed 003: 32)")
+p.add_argument("--encoder", default="patch", choices=["conv", "patch"],
+               help="conv: seed 003's, whose tokens also see their neighbours; "
+                    "patch: each token sees only its own patch")
 p.add_argument("--down", type=common.positive_int, default=2,
                help="stride-2 stages: token grid = frame / 2^down (84x64 -> 21x16)")
 p.add_argument("--steps", type=common.positive_int, default=800, help="optimizer steps")
@@ -115,7 +118,8 @@ def main():
     # -------------------------------------------------------------------------
     # model
     C = common.frame_shape(args.frame_space)[2]
-    model_args = dict(in_ch=C, hidden=args.hidden, code_dim=args.code_dim, n_codes=args.codes, down=args.down)
+    model_args = dict(in_ch=C, hidden=args.hidden, code_dim=args.code_dim, n_codes=args.codes, down=args.down,
+                      patch=args.encoder == "patch")
     model = common.VQVAE(**model_args).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     step, metrics = 0, {}
@@ -174,7 +178,8 @@ def main():
     # -------------------------------------------------------------------------
     # outputs: the token cache (the reconstruction grid is written at every eval)
     files = common.episode_files(args.data)
-    common.token_cache(args.data, out, model, args.frame_space, device, meta["game"], args.skip_bad)
+    common.token_cache(args.data, out, model, args.frame_space, device, meta["game"], args.skip_bad,
+                       frames={ep["file"]: ep["frames"] for ep in train + val})
     print(f"trained {step} steps in {(time.time() - t0) / 60:.1f} min: val PSNR "
           f"{metrics.get('val_psnr', float('nan')):.2f} dB, {metrics.get('codes_used')} codes used; wrote {out}, {png} "
           f"and the token cache for {len(files)} episodes")

@@ -14,6 +14,7 @@ Examples:
   python train_world.py --resume --steps 6000             # continue with optimizer and step
   python train_world.py --arch attn --dim 128 --blocks 4  # the attention layout of the README
 """
+import argparse
 import os
 import sys
 import time
@@ -35,10 +36,20 @@ p.add_argument("--tokenizer", default=None,
 p.add_argument("--out", default=None, help="world checkpoint (default: checkpoints/<data name>/world.pt)")
 p.add_argument("--context", type=common.positive_int, default=4, help="frames of history")
 p.add_argument("--arch", default="conv", choices=["conv", "attn"], help="conv on the token grid, or attention over it")
-p.add_argument("--dim", type=common.positive_int, default=64, help="channels of the net")
+p.add_argument("--dim", type=common.positive_int, default=32, help="channels of the net")
 p.add_argument("--emb", type=common.positive_int, default=16, help="token embedding size per history frame")
 p.add_argument("--blocks", type=common.positive_int, default=3, help="residual FiLM blocks (2 convs each)")
-p.add_argument("--steps", type=common.positive_int, default=1000, help="optimizer steps")
+p.add_argument("--memory", type=common.nonneg_int, default=32,
+               help="conv: also see the steps since each cell last changed, up to N (0: no memory beyond the context)")
+p.add_argument("--actions", type=common.positive_int, default=2,
+               help="conv: the last N actions the dynamics see (Pong's paddle answers a key over two steps)")
+p.add_argument("--masked", action=argparse.BooleanOptionalAction, default=True,
+               help="conv: also see the next frame as far as it is decided, so that sampling can decide uncertain "
+                    "cells one after another (MaskGIT)")
+p.add_argument("--fresh-starts", type=common.probability, default=0.25,
+               help="share of training windows that start as a dream from real frames does: no memory, "
+                    "no earlier action")
+p.add_argument("--steps", type=common.positive_int, default=2400, help="optimizer steps")
 p.add_argument("--batch", type=common.positive_int, default=16, help="windows per batch")
 p.add_argument("--lr", type=common.positive_float, default=1e-3, help="AdamW learning rate (cosine decay)")
 p.add_argument("--rollout", type=common.positive_int, default=3,
@@ -52,7 +63,7 @@ p.add_argument("--eventness-scale", type=common.nonneg_float, default=2.0,
 p.add_argument("--persistence-scale", type=common.nonneg_float, default=1.0,
                help="importance: motion across the history (seed 003)")
 p.add_argument("--max-ratio", type=common.positive_float, default=6.0, help="cap of a token's weight over the median")
-p.add_argument("--eval-every", type=common.positive_int, default=250, help="evaluate and checkpoint every N steps")
+p.add_argument("--eval-every", type=common.positive_int, default=800, help="evaluate and checkpoint every N steps")
 p.add_argument("--eval-windows", type=common.positive_int, default=48, help="frozen validation windows (each 30 steps)")
 p.add_argument("--gif-steps", type=common.positive_int, default=48, help="length of the real | dream | difference GIF")
 p.add_argument("--val-frac", type=common.probability, default=0.1,
@@ -68,11 +79,16 @@ p.add_argument("--assets", default="assets", help="where the dream GIF goes")
 # -----------------------------------------------------------------------------
 # data: windows of tokens, and the actions between them
 
-def batch(eps, idx, T, K, device):
-    """history (B, T, h, w), actions (B, K), targets (B, K, h, w) of the windows idx."""
+def batch(eps, idx, T, K, device, past=0, unknown=0):
+    """history (B, T, h, w), actions (B, past + K): the `past` before the first step (`unknown`
+    before the episode starts) and the K of the steps, targets (B, K, h, w) of the windows idx,
+    and the memory at the last history frame (B, h, w), or None without one."""
     tok = torch.stack([eps[i]["tokens"][s:s + T + K] for i, s in idx]).to(device)
-    act = torch.stack([eps[i]["actions"][s + T - 1:s + T - 1 + K] for i, s in idx]).to(device)
-    return tok[:, :T], act, tok[:, T:]
+    pad = lambda a, n: torch.cat([torch.full((n,), unknown, dtype=a.dtype), a]) if n > 0 else a
+    act = torch.stack([pad(eps[i]["actions"][max(s + T - 1 - past, 0):s + T - 1 + K], past - s - T + 1)
+                       for i, s in idx]).to(device)
+    age = torch.stack([eps[i]["ages"][s + T - 1] for i, s in idx]).to(device).long() if "ages" in eps[0] else None
+    return tok[:, :T], act, tok[:, T:], age
 
 
 # -----------------------------------------------------------------------------
@@ -88,17 +104,23 @@ def importance(hist, target, emb, a):
     return w.clamp(max=a.max_ratio * w.median().item())
 
 
-def token_loss(dyn, hist, act, tgt, tf, emb, disc, args):
+def token_loss(dyn, hist, act, tgt, age, tf, emb, disc, args):
     """Seed 003: K steps on the model's own argmax with scheduled teacher forcing; importance-
-    weighted cross-entropy, discounted over the steps."""
-    loss = 0.0
+    weighted cross-entropy, discounted over the steps. The memory follows the tokens fed back."""
+    loss, B, n = 0.0, len(hist), args.actions
     for k in range(len(disc)):
-        logits = dyn(hist, act[:, k])
         w = importance(hist, tgt[:, k], emb, args)
+        partial, hide = None, torch.ones_like(w, dtype=torch.bool)
+        if args.masked and k == 0:  # MaskGIT: half the first steps see a random share of the next frame
+            r = torch.rand(2, B, 1, 1, device=hist.device)
+            hide = torch.rand(w.shape, device=hist.device) < torch.where(r[0] < 0.5, 1.0, r[1])
+            partial = torch.where(hide, dyn.n_codes, tgt[:, 0])
+        logits = dyn(hist, act[:, k:k + n], age, partial)
         ce = F.cross_entropy(logits, tgt[:, k], reduction="none")
-        loss = loss + disc[k] * (w * ce).sum() / w.sum()
-        keep = torch.rand(len(hist), 1, 1, device=hist.device) < tf
+        loss = loss + disc[k] * (w * hide * ce).sum() / (w * hide).sum()  # the shown cells are no question
+        keep = (torch.rand(B, 1, 1, device=hist.device) < tf) | ~hide
         nxt = torch.where(keep, tgt[:, k], logits.detach().argmax(1))
+        age = common.next_age(age, hist[:, -1], nxt, args.memory) if args.memory else None
         hist = torch.cat([hist[:, 1:], nxt[:, None]], 1)
     return loss
 
@@ -112,23 +134,26 @@ def evaluate(wm, val, fixed):
     5 and 10 steps, action sensitivity (tokens whose prediction changes when only the action
     does, averaged over action pairs); then common.open_loop through the world: decoded PSNR
     next to copy-last-frame, and the Pong objects."""
-    dyn, T, H = wm.dyn.eval(), wm.context, max(common.HORIZONS)
-    hist, act, tgt = batch(val, fixed, T, H, wm.device)
-    pred = dyn(hist, act[:, 0]).argmax(1)
+    dyn, T, H, n = wm.dyn.eval(), wm.context, max(common.HORIZONS), getattr(wm.dyn, "actions", 1)
+    hist, act, tgt, age = batch(val, fixed, T, H, wm.device, n - 1, dyn.n_actions)
+    pred = dyn(hist, act[:, :n], age).argmax(1)
     changed = tgt[:, 0] != hist[:, -1]
     m = {"acc": (pred == tgt[:, 0]).float().mean().item(),
          "acc_changed": (pred == tgt[:, 0])[changed].float().mean().item() if changed.any() else float("nan")}
-    per_action = [dyn(hist, torch.full_like(act[:, 0], a)).argmax(1) for a in range(dyn.n_actions)]
+    per_action = [dyn(hist, torch.cat([act[:, :n - 1], torch.full_like(act[:, :1], a)], 1), age).argmax(1)
+                  for a in range(dyn.n_actions)]
     diff = [(per_action[i] != per_action[j]).flatten(1).sum(1).float().mean()
             for i in range(dyn.n_actions) for j in range(i + 1, dyn.n_actions)]
     m["action_sensitivity"] = torch.stack(diff).mean().item() if diff else 0.0
     h = hist
     for k in range(10):
-        h = torch.cat([h[:, 1:], dyn(h, act[:, k]).argmax(1)[:, None]], 1)
+        nxt = dyn(h, act[:, k:k + n], age).argmax(1)
+        age = common.next_age(age, h[:, -1], nxt, dyn.memory) if dyn.memory else None
+        h = torch.cat([h[:, 1:], nxt[:, None]], 1)
         if k + 1 in (5, 10):
             m[f"rollout_acc@{k + 1}"] = (h[:, -1] == tgt[:, k]).float().mean().item()
     frames = torch.stack([val[i]["frames"][s:s + T + H] for i, s in fixed])
-    m.update(common.open_loop(wm, frames, act))
+    m.update(common.open_loop(wm, frames, act[:, n - 1:]))
     dyn.train()
     return m
 
@@ -150,6 +175,11 @@ def main():
     tok_key, space, meanings = common.file_key(tok_path), tck["frame_space"], tck["action_meanings"]
     tokens = common.token_cache(args.data, tok_path, tok, space, device, tck["game"], args.skip_bad)
     train, val = common.coded_episodes(args.data, tokens, "tokens", space, args.val_frac, args.seed)
+    if args.arch != "conv":  # the attention layout is kept as it was measured: one action, no memory
+        args.memory, args.masked, args.actions = 0, False, 1
+    if args.memory:  # the steps since each cell changed, counted from each episode's start (a reset)
+        for ep in train + val:
+            ep["ages"] = common.ages(ep["tokens"], args.memory).to(torch.uint8)
     pool = common.windows([len(ep["tokens"]) for ep in train], T + K)
     if not pool:
         raise common.KitError(f"episodes in {args.data} are shorter than context + rollout ({T + K} frames)")
@@ -166,6 +196,13 @@ def main():
     # model
     model_args = dict(arch=args.arch, n_codes=tok.n_codes, n_actions=len(meanings), grid=grid, context=T,
                       emb=args.emb, dim=args.dim, n_blocks=args.blocks)
+    if args.memory:
+        model_args["memory"] = args.memory
+    if args.masked:
+        model_args["masked"] = True
+    if args.actions > 1:
+        model_args["actions"] = args.actions
+
     dyn = common.make_dynamics(**model_args).to(device)
     tok = tok.to(device).requires_grad_(False)
     opt = torch.optim.AdamW(dyn.parameters(), lr=args.lr, weight_decay=0.01)
@@ -198,8 +235,14 @@ def main():
             for group in opt.param_groups:
                 group["lr"] = lr
             tf = max(args.teacher_forcing, 1 - frac / 0.3)  # from 1 to its floor over the first 30%
-            hist, act, tgt = batch(train, [pool[i] for i in g.integers(len(pool), size=args.batch)], T, K, device)
-            loss = token_loss(fwd, hist, act, tgt, tf, emb, disc, args)
+            idx = [pool[i] for i in g.integers(len(pool), size=args.batch)]
+            hist, act, tgt, age = batch(train, idx, T, K, device, args.actions - 1, len(meanings))
+            # some windows remember only themselves, as a dream started from real frames does
+            fresh = torch.rand(len(hist), 1, 1, device=device) < args.fresh_starts
+            if args.memory:
+                age = torch.where(fresh, common.ages(hist, args.memory, unknown=True)[:, -1], age)
+            act[:, :args.actions - 1] = torch.where(fresh[:, :, 0], len(meanings), act[:, :args.actions - 1])
+            loss = token_loss(fwd, hist, act, tgt, age, tf, emb, disc, args)
             common.check_finite(loss, step, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()

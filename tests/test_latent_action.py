@@ -55,10 +55,12 @@ def test_map_is_the_only_user_of_actions(lam):
     # the map's latent action drives the forward model exactly as firing it does
     wm = common.load_world(lam["out"])
     frames = first_frames(wm)
+    wm.seed(0)
     wm.reset(frames)
     with torch.inference_mode():
         latent = int(wm.dyn.latent_action(wm.hist, torch.tensor([2])))
     a = wm.step(2)
+    wm.seed(0)  # the same draws
     wm.reset(frames)
     assert np.array_equal(a, wm.step_latent_action(latent))
 

@@ -1,0 +1,186 @@
+"""Dreams that stay a game: sampling (temperature 0 is the argmax, a seed fixes a dream, a batch
+of dreams is the dreams one by one), the memory for hidden timers (a synthetic serve: an event
+a fixed number of steps after the screen goes still), `bench.py dream` end to end, bad input."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import train_world
+from conftest import describe, first_frames, run_script
+
+VQ = ("--steps", "6", "--eval-every", "6", "--batch", "8")
+WORLD = ("--steps", "4", "--eval-every", "4", "--eval-windows", "4", "--gif-steps", "5", "--batch", "4",
+         "--memory", "8")
+
+
+@pytest.fixture(scope="module")
+def tiny(pong_data, tmp_path_factory):
+    """A tiny world of the default kind (memory, masked decoding, two actions), trained a few steps."""
+    tmp = tmp_path_factory.mktemp("dream")
+    data = tmp / "pong"
+    shutil.copytree(pong_data, data)
+    vq, world = tmp / "vq.pt", tmp / "world.pt"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        r = run_script("train_vqvae.py", "--data", data, "--out", vq, "--assets", tmp, *VQ)
+        assert r.returncode == 0, describe(r)
+        r = run_script("train_world.py", "--data", data, "--tokenizer", vq, "--out", world, "--assets", tmp, *WORLD)
+        assert r.returncode == 0, describe(r)
+    return dict(tmp=tmp, data=data, vq=vq, world=world)
+
+
+def dream(wm, frames, actions, seed=None):
+    if seed is not None:
+        wm.seed(seed)
+    wm.reset(frames)
+    return np.stack([wm.step(a) for a in actions])
+
+
+ACTIONS = [0, 2, 2, 3, 1, 0, 3, 3, 2, 0] * 3
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+def test_temperature_zero_is_the_argmax(tiny):
+    wm = common.load_world(tiny["world"], temperature=0)
+    frames = first_frames(wm)
+    got = dream(wm, frames, ACTIONS, seed=1)
+    assert np.array_equal(got, dream(wm, frames, ACTIONS, seed=2))  # no randomness at all
+    wm.reset(frames)  # the same steps by hand: the argmax of the logits, the memory following the tokens
+    hist, age, past = wm.hist.clone(), wm.age.clone(), wm.n_actions  # no action before the first frame
+    with torch.inference_mode():
+        for k, a in enumerate(ACTIONS):
+            nxt = wm.dyn(hist, torch.tensor([[past, a]]), age).argmax(1)
+            past = a
+            age = common.next_age(age, hist[:, -1], nxt, wm.memory)
+            hist = torch.cat([hist[:, 1:], nxt[:, None]], 1)
+            assert np.array_equal(got[k], wm._frame(common.to_uint8(wm.tok.decode(nxt))[0])), k
+
+
+def test_a_seed_fixes_a_dream(tiny):
+    wm = common.load_world(tiny["world"], temperature=1.0)
+    frames = first_frames(wm)
+    a, b, c = dream(wm, frames, ACTIONS, 3), dream(wm, frames, ACTIONS, 3), dream(wm, frames, ACTIONS, 4)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert not np.array_equal(dream(wm, frames, ACTIONS), a)  # no new seed: the stream goes on
+
+
+def test_a_batch_of_dreams_is_the_dreams_one_by_one(tiny):
+    # at temperature 0: with draws, a batched conv rounds differently (1e-6) and a near tie can go either way
+    wm = common.load_world(tiny["world"], temperature=0)
+    frames = first_frames(wm)
+    x = torch.as_tensor(np.stack(frames)).permute(0, 3, 1, 2)[None].repeat(3, 1, 1, 1, 1)
+    wm.reset_batch(x, seeds=[7, 8, 9])
+    batch = torch.stack([wm.step_batch([a] * 3) for a in ACTIONS], 1)  # (3, steps, C, H, W)
+    for i, seed in enumerate([7, 8, 9]):
+        alone = dream(wm, frames, ACTIONS, seed)
+        assert np.array_equal(batch[i].permute(0, 2, 3, 1).numpy(), alone), seed
+
+
+# -----------------------------------------------------------------------------
+# memory: a synthetic serve
+
+def serve_episode(rng, n=160, delay=8):
+    """4x4 token frames, Pong in miniature: a ball (token 1) crosses the bottom row and leaves,
+    the score cell (0, 3) turns over (tokens 2, 3) as it leaves, the screen stays still for
+    `delay` steps, then the serve (token 1 again) appears at (1, 0); repeat. Four still frames
+    look alike `delay` - 3 times in a row, so a 4-frame context cannot know when the serve comes."""
+    frames, score = [], 2
+    f = np.zeros((4, 4), np.int64)
+    while len(frames) < n:
+        for c in range(int(rng.integers(0, 2)), 4):  # the rally
+            f = f.copy()
+            f[1, 0], f[3] = 0, 0
+            f[3, c] = 1
+            frames.append(f)
+        f = f.copy()
+        f[3], score = 0, 5 - score  # the point
+        f[0, 3] = score
+        frames += [f] * (delay + 1)
+        f = f.copy()
+        f[1, 0] = 1  # the serve
+        frames.append(f)
+    return torch.as_tensor(np.stack(frames[:n]))
+
+
+def train_serve(memory, steps=200, T=4, K=2):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    eps = [{"tokens": serve_episode(rng), "actions": torch.zeros(159, dtype=torch.long)} for _ in range(6)]
+    for ep in eps:
+        ep["ages"] = common.ages(ep["tokens"], memory)
+    args = train_world.p.parse_args(["--memory", str(memory)])
+    dyn = common.TokenDynamics(4, 1, (4, 4), T, emb=8, dim=32, n_blocks=2, memory=memory)
+    opt = torch.optim.AdamW(dyn.parameters(), lr=3e-3)
+    pool = common.windows([len(ep["tokens"]) for ep in eps], T + K)
+    emb, disc = torch.eye(4), torch.tensor([0.6, 0.4])
+    for _ in range(steps):
+        hist, act, tgt, age = train_world.batch(eps, [pool[i] for i in rng.integers(len(pool), size=32)], T, K, "cpu")
+        loss = train_world.token_loss(dyn, hist, act, tgt, age if memory else None, 1.0, emb, disc, args)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return dyn.eval()
+
+
+def serves_on_time(dyn, delay=8, T=4):
+    """From a window that ends on the point, dream on with the argmax (the memory starting at
+    the window, as after a reset) and say whether the serve comes exactly `delay` + 1 steps
+    later, and not before, over the points of a test sequence."""
+    seq, right = serve_episode(np.random.default_rng(1), n=400), []
+    points = [t for t in range(T, len(seq) - delay - 2) if (seq[t, 0, 3] != seq[t - 1, 0, 3]).item()]
+    with torch.no_grad():
+        for t in points:
+            hist = seq[t - T + 1:t + 1][None]
+            age = common.ages(hist, dyn.memory)[:, -1] if dyn.memory else None
+            seen = []
+            for _ in range(delay + 1):
+                nxt = dyn(hist, torch.zeros(1, dtype=torch.long), age).argmax(1)
+                age = common.next_age(age, hist[:, -1], nxt, dyn.memory) if dyn.memory else None
+                hist = torch.cat([hist[:, 1:], nxt[:, None]], 1)
+                seen.append(bool(nxt[0, 1, 0] == 1))
+            right.append(seen == [False] * delay + [True])
+    return np.mean(right)
+
+
+def test_memory_learns_the_timer_that_four_frames_cannot_count():
+    assert serves_on_time(train_serve(memory=16)) >= 0.9
+    assert serves_on_time(train_serve(memory=0)) == 0.0
+
+
+def test_ages_count_from_the_first_frame_and_stop_at_the_cap():
+    tok = torch.tensor([[[0]], [[0]], [[1]], [[1]], [[1]], [[1]], [[1]]])  # (7, 1, 1)
+    assert common.ages(tok, 3)[:, 0, 0].tolist() == [0, 1, 0, 1, 2, 3, 3]
+
+
+# -----------------------------------------------------------------------------
+# bench.py dream, and bad input
+
+def test_bench_dream_runs(tiny, tmp_path):
+    gif = tmp_path / "long.gif"
+    r = run_script("bench.py", "dream", "--world", tiny["world"], "--steps", "25", "--seeds", "1", "--gif", gif)
+    assert r.returncode == 0, describe(r)
+    for words in ("share of frames with a ball", "serves per 1000 steps", "ball vanishing in mid-field",
+                  "two balls or a smear", "impossible jumps", "paddle follows the keys", "points per 1000 steps"):
+        assert words in r.stdout, words
+    import imageio.v2 as imageio
+    assert len(imageio.mimread(gif)) == 25
+
+
+@pytest.mark.parametrize("flags, words", [
+    (("--temperature", "-1"), ("--temperature", "0 or more")),
+    (("--temperature", "nan"), ("--temperature", "0 or more")),
+    (("--seed", "1.5"), ("--seed", "invalid int")),
+])
+def test_bad_sampling_flags_are_one_error_line(tiny, tmp_path, flags, words):
+    r = run_script("play.py", "--world", tiny["world"], "--gif", tmp_path / "x.gif", "--steps", "2", *flags)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, describe(r)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and all(w in errors[0] for w in words), describe(r)
+    with pytest.raises(common.KitError):
+        common.load_world(tiny["world"], temperature=float("nan"))
