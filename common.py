@@ -1236,6 +1236,8 @@ class TokenWorld(World):
             score = conf[rows].log() + self.temperature * self._gumbel(u.shape[1:], rows)  # MaskGIT's choice noise
             rank = torch.where(u, score, math.inf).flatten(1).argsort(1).argsort(1).view_as(u)  # least sure: 0
             redo = u & (rank < (u.flatten(1).sum(1) - keep)[:, None, None])
+            if not redo.any():  # one unsure cell per dream: it stays as drawn
+                break
             again, conf2 = self._draw(predict(rows, torch.where(redo, self.dyn.n_codes, nxt[rows])), rows)
             nxt[rows], conf[rows] = torch.where(redo, again, nxt[rows]), torch.where(redo, conf2, conf[rows])
             unsure[rows] = redo & (conf2 < SURE)
@@ -1261,16 +1263,19 @@ class TokenWorld(World):
         change = (torch.log1p(-stay.exp().clamp(max=1 - 1e-6)) - stay) / self.temperature  # logit of a change
         u = self._uniform(change.shape[1:], rows)
         changes = change + torch.log(u) - torch.log1p(-u) > 0
-        p = (logp / self.temperature).masked_fill(F.one_hot(copy, logits.shape[1]).permute(0, 3, 1, 2).bool(),
-                                                  -math.inf).softmax(1)
+        gumbel = self._gumbel(logits.shape[1:], rows)  # for every cell, so that each dream's stream stays in step
+        b, y, x = changes.nonzero(as_tuple=True)  # the few cells that change: their new token
+        p = (logp[b, :, y, x] / self.temperature).scatter(1, copy[b, y, x, None], -math.inf).softmax(1)
         top, order = p.sort(1, descending=True)
         inside = top.cumsum(1) - top < self.top_p
         p = torch.where(torch.zeros_like(inside).scatter(1, order, inside), p, 0.0)
         p = p / p.sum(1, keepdim=True)
-        other = (p.log() + self._gumbel(p.shape[1:], rows)).argmax(1)
-        sure = torch.sigmoid(change)
-        return (torch.where(changes, other, copy),
-                torch.where(changes, sure * p.gather(1, other[:, None])[:, 0], 1 - sure))
+        other = (p.log() + gumbel[b, :, y, x]).argmax(1)
+        nxt, sure = copy.clone(), torch.sigmoid(change)
+        nxt[b, y, x] = other
+        conf = 1 - sure
+        conf[b, y, x] = sure[b, y, x] * p.gather(1, other[:, None])[:, 0]
+        return nxt, conf
 
     def _advance(self, nxt):
         if self.memory:
