@@ -169,8 +169,9 @@ def test_bench_dream_runs(tiny, tmp_path):
                   "two balls or a smear", "impossible jumps", "paddle follows the keys", "points per 1000 steps"):
         assert words in r.stdout, words
     from PIL import Image, ImageSequence
-    with Image.open(gif) as im:  # 25 steps at 15 FPS; identical neighbours are folded into one frame's duration
-        assert sum(f.info["duration"] for f in ImageSequence.Iterator(im)) == 25 * 67
+    with Image.open(gif) as im:  # 25 steps of 67 ms, which GIF stores in centiseconds (60 ms); identical
+        # neighbours are folded into one frame's duration
+        assert sum(f.info["duration"] for f in ImageSequence.Iterator(im)) == 25 * 60
 
 
 @pytest.mark.parametrize("flags, words", [
