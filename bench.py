@@ -268,8 +268,9 @@ def long_dream_gif(real, dream, path):
     stores only what changes from frame to frame (600 steps: under 1 MB, not 6). Pillow, which
     imageio writes GIFs with, folds a frame identical to the one before into its duration."""
     from PIL import Image
-    frames = [np.concatenate([common.to_image(r), np.full((common.to_image(r).shape[0], 2, 3), 255, np.uint8),
-                              common.to_image(d)], 1) for r, d in zip(real, dream)]
+    real, dream = [common.to_image(f) for f in real], [common.to_image(f) for f in dream]
+    line = np.full((real[0].shape[0], 2, 3), 255, np.uint8)
+    frames = [np.concatenate([r, line, d], 1) for r, d in zip(real, dream)]
     palette = Image.fromarray(np.concatenate(frames[::max(1, len(frames) // 16)])).quantize(64)
     gif = [Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.NONE) for f in frames]
     gif[0].save(path, save_all=True, append_images=gif[1:], duration=round(1000 / 15), loop=0)
