@@ -4,13 +4,18 @@
   python bench.py world                       # open-loop fidelity + wm.step speed of checkpoints/pong/world.pt
   python bench.py dream                       # closed loop: a player inside the dream and in the real game
   python bench.py dream --world checkpoints/breakout/world.pt --steps 1000 --seeds 3
+  python bench.py envs                        # DreamEnv and DreamVecEnv steps per second
   python bench.py all
 
 world: open loop from 4 real frames with the true actions on validation episodes. Decoded
 PSNR next to the copy-last-frame baseline at 1/5/10/30 steps; on Pong, where the ball is lost
 (the tokenizer's round trip, then 1, 5, 10 and 30 dream steps: the share of frames whose
 dreamed ball is within 8 raw pixels of the real one) and the player's paddle error (raw
-pixels of the 210x160 frame) at 10 and 30 steps.
+pixels of the 210x160 frame) at 10 and 30 steps. With reward/end heads: precision and recall
+of the reward events (and game overs) at 1 step from real history and in 10-step rollouts.
+
+envs: the dream as an environment: DreamEnv steps per second on one thread, and DreamVecEnv
+frames per second over N dreams (pixels, and tokens, which skip the decoder) on every core.
 
 dream: closed loop. A player that reads only the frames it is shown (never the RAM) plays
 --steps steps in the real game, and --steps steps inside the dream started from the same
@@ -34,7 +39,8 @@ import torch
 import common
 
 p = common.flags(__doc__)
-p.add_argument("what", nargs="?", default="all", choices=["collect", "world", "dream", "all"], help="which benchmark")
+p.add_argument("what", nargs="?", default="all", choices=["collect", "world", "dream", "envs", "all"],
+               help="which benchmark")
 p.add_argument("--game", default="Pong", help="collect: game")
 p.add_argument("--steps", type=common.positive_int, default=None,
                help="collect: transitions per policy (10000); dream: steps of each run (600)")
@@ -51,8 +57,10 @@ p.add_argument("--device", default="cpu", help="world: device for the speed test
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="world: also time torch.compile")
 p.add_argument("--threads", type=common.positive_int, default=1,
                help="world: torch threads (play.py's default: a batch-1 step barely splits)")
+p.add_argument("--envs", type=lambda t: [common.positive_int(x) for x in t.split(",")], default=[1, 4, 16, 64, 256],
+               help="envs: numbers of dreams DreamVecEnv is timed at, comma-separated")
 p.add_argument("--speed-steps", type=common.positive_int, default=300,
-               help="world: wm.step calls timed for the speed test")
+               help="world, envs: steps timed for the speed tests (DreamVecEnv: 8x as many frames for each N)")
 
 
 # -----------------------------------------------------------------------------
@@ -100,7 +108,7 @@ def bench_world(args):
     T, H = wm.context, max(common.HORIZONS)
     files = common.episode_files(args.data)
     _, val = common.split_episodes(files, ck["args"].get("val_frac", 0.1), ck["args"].get("seed", 0))
-    eps = [common.load_episode(f, keys=["frames", "actions", "game"]) for f in val]
+    eps = [common.load_episode(f, keys=["frames", "actions", "rewards", "terminated", "game"]) for f in val]
     if eps and str(eps[0]["game"]) != wm.game:
         raise common.KitError(f"{args.world} is a {wm.game} model, {args.data} holds {eps[0]['game']}")
     pool = common.windows([len(ep["frames"]) for ep in eps], T + H)
@@ -121,6 +129,14 @@ def bench_world(args):
         for k in (10, 30):
             print(f"paddle error @{k}: mean {m[f'paddle_px@{k}']:.2f} px, median {m[f'paddle_median@{k}']:.2f} px, "
                   f"within 2 px {m[f'paddle_2px@{k}']:.0%}")
+
+    if wm.heads is not None:
+        o = common.outcome_scores(wm, [dict(frames=common.preprocess(ep["frames"], wm.space), **{
+            k: torch.as_tensor(ep[k]) for k in ("actions", "rewards", "terminated")}) for ep in eps])
+        for what in ("reward", "end"):
+            print(f"{what} events, precision / recall: @1 step {o[f'{what}_precision@1']:.2f} / "
+                  f"{o[f'{what}_recall@1']:.2f}, in 10-step rollouts (within 1 step) {o[f'{what}_precision@10']:.2f}"
+                  f" / {o[f'{what}_recall@10']:.2f}")
 
     # speed: wm.step at batch 1, eager and (where it measures faster) compiled
     start = [wm.observe(f) for f in eps[0]["frames"][:T]]
@@ -318,6 +334,34 @@ def bench_dream(args):
     print(f"wrote {gif}: real | dream, {n} steps from a fresh reset (seed 0)")
 
 
+# -----------------------------------------------------------------------------
+# the dream as an environment: how fast a program can act in it
+
+def bench_envs(args):
+    torch.set_num_threads(1)  # one dream at a time: one thread (a batch-1 step barely splits)
+    env = common.DreamEnv(args.world, temperature=args.temperature)
+    env.reset(seed=0)
+    t, n = time.perf_counter(), args.speed_steps
+    for i in range(n):
+        env.step(i % env.action_space.n)
+    print(f"DreamEnv {args.world}: {n / (time.perf_counter() - t):.0f} steps/s (1 thread, temperature "
+          f"{args.temperature:g})")
+    torch.set_num_threads(os.cpu_count())
+    print(f"DreamVecEnv, frames per second over all dreams ({os.cpu_count()} threads):")
+    print("| N | pixels | tokens |\n|---|---|---|")
+    for N in args.envs:
+        rates = []
+        for obs in ("frames", "tokens"):
+            vec = common.DreamVecEnv(env.world, num_envs=N, obs=obs)
+            vec.reset(seed=0)
+            steps = max(3, 8 * args.speed_steps // N)
+            t = time.perf_counter()
+            for i in range(steps):
+                vec.step(np.full(N, i % vec.single_action_space.n))
+            rates.append(steps * N / (time.perf_counter() - t))
+        print(f"| {N} | {rates[0]:.0f} | {rates[1]:.0f} |")
+
+
 def main():
     args = p.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
@@ -327,6 +371,8 @@ def main():
         bench_world(args)
     if args.what in ("dream", "all"):
         bench_dream(args)
+    if args.what in ("envs", "all"):
+        bench_envs(args)
 
 
 if __name__ == "__main__":

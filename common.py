@@ -8,10 +8,12 @@
   4. files              episodes, the train/validation split, load_dataset, checkpoints, the
                         token and latent caches, windows
   5. tokenizers         VQVAE (discrete, seed 003), ConvAE (continuous, seeds 000 and 004)
-  6. dynamics           TokenDynamics (conv), TokenAttention, LatentMLP, LatentGRU,
-                        LatentActionDynamics, make_dynamics
-  7. the world contract load_world -> context, observe, reset, step; the batched core under it
-  8. scoring            psnr, the Pong objects and their scores, open_loop, dream_gif
+  6. dynamics           TokenDynamics (conv), TokenAttention, Outcome (reward and end heads),
+                        LatentMLP, LatentGRU, LatentActionDynamics, make_dynamics
+  7. the world contract load_world -> context, observe, reset, step (+ reward, terminated); the
+                        batched core under it; the dream as a gymnasium env: DreamEnv
+                        ("AtariDream-v0"), DreamVecEnv
+  8. scoring            psnr, the Pong objects and their scores, open_loop, outcome_scores, dream_gif
 
 Read it top to bottom once; the scripts are thin on purpose.
 """
@@ -24,6 +26,7 @@ import os
 import random
 import sys
 import tempfile
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -649,7 +652,7 @@ def latent_cache(data_dir, ae_path, ae, space, device, game, skip_bad=False, bat
 def coded_episodes(folder, codes, key, space=None, val_frac=0.1, seed=0, actions=True):
     """The episodes of `folder` that have codes in a cache ({file name: codes}, as token_cache and
     latent_cache return), split by episode as the tokenizer was: (train, val), lists of dicts
-    with the codes under `key`, the actions (N,) unless actions=False, and, for validation
+    with the codes under `key`, the actions, rewards and terminated (N,) unless actions=False, and, for validation
     episodes when `space` is given, the frames preprocessed to it (dreams are scored on them)."""
     files = [f for f in episode_files(folder) if os.path.basename(f) in codes]
     train_f, val_f = split_episodes(files, val_frac, seed)
@@ -658,10 +661,10 @@ def coded_episodes(folder, codes, key, space=None, val_frac=0.1, seed=0, actions
         print(f"warning: one episode only in {folder}: validating on training data", file=sys.stderr)
 
     def episode(f, frames):
-        keys = ["actions"] * actions + ["frames"] * frames
+        keys = ["actions", "rewards", "terminated"] * actions + ["frames"] * frames
         ep, out = load_episode(f, keys) if keys else {}, {key: codes[os.path.basename(f)]}
         if actions:
-            out["actions"] = torch.as_tensor(ep["actions"])
+            out.update({k: torch.as_tensor(ep[k]) for k in ("actions", "rewards", "terminated")})
         if frames:
             out["frames"] = preprocess(ep["frames"], space)
         return out
@@ -980,6 +983,39 @@ class TokenAttention(nn.Module):
         return logits + self.copy * F.one_hot(hist[:, -1], self.n_codes).permute(0, 3, 1, 2).to(logits.dtype)
 
 
+
+# -----------------------------------------------------------------------------
+# the outcome of a transition: its reward and whether it ends the episode, as IRIS's and
+# DIAMOND's heads predict them (DIAMOND: the reward's sign in 3 classes, the end in 2).
+# Read from the tokens around the transition, not from the dynamics' features: Pong pays a
+# point when the ball leaves the field, one frame before the score changes on screen, so
+# the last two frames and the drawn next one say it; and the heads stay exactly in step with
+# the frame the dream drew, whichever way it was drawn.
+
+REWARD_CLASSES = (-1.0, 0.0, 1.0)  # the reward's sign; its real value stays in the data
+
+
+class Outcome(nn.Module):
+    """(B, frames, h, w) long tokens: the frames before a transition and the one after it ->
+    (B, 4) logits: the reward's sign (-1, 0, +1), then the end of the episode. Two convs, then
+    the max over the rows: which side of the screen a change is on (who scored) is kept, the
+    row is not, since a point is the same wherever along the edge the ball leaves. On Pong's
+    validation points this read 39 of 39 from the true frames, strided convs that keep the row
+    35 of 39 (both 242 of 242 in training: they learn the rows they were shown)."""
+
+    def __init__(self, n_codes, grid, frames=3, emb=8, dim=32):
+        super().__init__()
+        self.n_codes, self.grid, self.frames = n_codes, tuple(grid), frames
+        self.tok = nn.Embedding(n_codes, emb)
+        self.net = nn.Sequential(nn.Conv2d(frames * emb, dim, 3, padding=1), nn.GELU(),
+                                 nn.Conv2d(dim, dim, 3, padding=1), nn.GELU())
+        self.out = nn.Linear(dim * grid[1], len(REWARD_CLASSES) + 1)
+
+    def forward(self, tokens):
+        x = self.tok(tokens).permute(0, 1, 4, 2, 3).flatten(1, 2)
+        return self.out(self.net(x).amax(2).flatten(1))
+
+
 # -----------------------------------------------------------------------------
 # latent dynamics: the next latent from `context` latents and the action. Both nets read
 # standardized latents (training-set statistics, kept as buffers so they travel in the
@@ -1004,6 +1040,10 @@ class LatentDynamics(nn.Module):
 
     def onehot(self, action):
         return F.one_hot(action, self.n_actions).to(self.shift.dtype)
+
+    def warm(self, hist):
+        """The state a fresh history leaves: None for a net that carries none."""
+        return None
 
 
 class LatentMLP(LatentDynamics):
@@ -1031,13 +1071,18 @@ class LatentGRU(LatentDynamics):
         self.cell = nn.GRUCell(latent_dim + n_actions, hidden)
         self.out = nn.Linear(hidden, latent_dim)
 
-    def forward(self, hist, action, h=None):
+    def warm(self, hist):
+        """The hidden state after every latent of a fresh history but the newest, with no action."""
         x = (hist - self.shift) / self.scale
-        if h is None:
-            h = x.new_zeros(len(x), self.hidden)
-            for t in range(x.shape[1] - 1):
-                h = self.cell(torch.cat([x[:, t], x.new_zeros(len(x), self.n_actions)], 1), h)
-        h = self.cell(torch.cat([x[:, -1], self.onehot(action)], 1), h)
+        h = x.new_zeros(len(x), self.hidden)
+        for t in range(x.shape[1] - 1):
+            h = self.cell(torch.cat([x[:, t], x.new_zeros(len(x), self.n_actions)], 1), h)
+        return h
+
+    def forward(self, hist, action, h=None):
+        h = self.warm(hist) if h is None else h
+        x = (hist[:, -1] - self.shift) / self.scale
+        h = self.cell(torch.cat([x, self.onehot(action)], 1), h)
         return hist[:, -1] + self.out(h) * self.scale, h
 
 
@@ -1124,6 +1169,8 @@ class World:
         self.space, self.game, self.action_meanings = space, game, list(action_meanings)
         self.context, self.n_actions = context, dyn.n_actions
         self.hist, self.generators = None, None
+        self.heads, self.rewards, self.terminals = None, None, None  # Outcome heads; the last step's draws
+        self.data = None  # the episodes the world was trained on (DreamEnv's start="data")
         self.seed(0)
 
     def seed(self, seed):
@@ -1131,12 +1178,34 @@ class World:
         the same dream, and another n another dream. Dream i of a batch draws from seed n + i."""
         self._seed, self.generators = int(seed), None
 
-    def _streams(self, batch, seeds=None):
-        """One random stream per dream in flight: from `seeds`, from seed() anew, or going on."""
-        if seeds is not None:
+    def _streams(self, batch, seeds=None, rows=None):
+        """One random stream per dream in flight: from `seeds`, from seed() anew, or going on.
+        With `rows`, only those dreams start again (from `seeds`, else their streams go on)."""
+        if rows is not None:
+            for r, s in zip(rows, [] if seeds is None else seeds):
+                self.generators[r] = torch.Generator().manual_seed(int(s))
+        elif seeds is not None:
             self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         elif self.generators is None or len(self.generators) != batch:
             self.generators = [torch.Generator().manual_seed(self._seed + i) for i in range(batch)]
+
+    def _set(self, rows, **state):
+        """Set the dreams' state: all of it (rows None), or the rows of the dreams that start again."""
+        for k, v in state.items():
+            if rows is None or getattr(self, k) is None:
+                setattr(self, k, v)
+            elif v is not None:
+                getattr(self, k)[torch.as_tensor(rows, device=getattr(self, k).device)] = v
+
+    @property
+    def reward(self):
+        """The reward the heads drew for the last step of the dream (0.0 for a world without them)."""
+        return 0.0 if self.rewards is None else float(self.rewards[0])
+
+    @property
+    def terminated(self):
+        """Whether the heads drew the end of the episode at the last step (never without them)."""
+        return False if self.terminals is None else bool(self.terminals[0])
 
     def compile(self):
         """torch.compile the dynamics and the decoder: ~10% faster token-world steps on a 2-core
@@ -1192,22 +1261,28 @@ class TokenWorld(World):
         self.past = None  # the actions before this one that the dynamics also see
 
     @torch.inference_mode()
-    def reset_batch(self, frames, seeds=None):
+    def reset_batch(self, frames, seeds=None, rows=None):
+        """Start dreams from frames (B, context, C, H, W) uint8: all of them, or only the dreams
+        `rows` (a vector env restarting the ones that ended), the others going on."""
         tokens = self.tok.encode(frames.flatten(0, 1).to(self.device))
-        self.hist = tokens.view(*frames.shape[:2], *tokens.shape[1:])  # (B, T, h, w)
+        hist = tokens.view(*frames.shape[:2], *tokens.shape[1:])  # (B, T, h, w)
         # what happened before the first frame is unknown: so are the ages of the cells that never change in them
-        self.age = ages(self.hist, self.memory, unknown=True)[:, -1] if self.memory else None
-        self.past = torch.full((len(frames), getattr(self.dyn, "actions", 1) - 1), self.n_actions, device=self.device)
-        self._streams(len(frames), seeds)
+        age = ages(hist, self.memory, unknown=True)[:, -1] if self.memory else None
+        past = torch.full((len(frames), getattr(self.dyn, "actions", 1) - 1), self.n_actions, device=self.device)
+        self._set(rows, hist=hist, age=age, past=past, rewards=torch.zeros(len(frames)),
+                  terminals=torch.zeros(len(frames), dtype=torch.bool))
+        self._streams(len(frames), seeds, rows)
 
     @torch.inference_mode()
-    def step_batch(self, actions):
+    def step_batch(self, actions, pixels=True):
+        """One step of every dream in flight -> (B, C, H, W) uint8 frames, or with pixels=False
+        the (B, h, w) tokens, skipping the decoder."""
         a = self._actions(actions)
         if self.past.shape[1]:  # the dynamics see the last actions, oldest first
             a = torch.cat([self.past, a[:, None]], 1)
             self.past = a[:, 1:]
         return self._advance(self.decode(lambda rows, partial: self.dyn(
-            self.hist[rows], a[rows], None if self.age is None else self.age[rows], partial)))
+            self.hist[rows], a[rows], None if self.age is None else self.age[rows], partial)), pixels)
 
     @torch.inference_mode()
     def reconstruct(self, frames):
@@ -1263,25 +1338,40 @@ class TokenWorld(World):
         change = (torch.log1p(-stay.exp().clamp(max=1 - 1e-6)) - stay) / self.temperature  # logit of a change
         u = self._uniform(change.shape[1:], rows)
         changes = change + torch.log(u) - torch.log1p(-u) > 0
-        gumbel = self._gumbel(logits.shape[1:], rows)  # for every cell, so that each dream's stream stays in step
         b, y, x = changes.nonzero(as_tuple=True)  # the few cells that change: their new token
+        counts = torch.bincount(b, minlength=len(rows)).tolist()  # noise for those only, from each dream's stream
+        u = torch.cat([torch.rand((n, logits.shape[1]), generator=self.generators[r])
+                       for r, n in zip(rows.tolist(), counts)]).clamp(1e-12, 1 - 1e-7).to(self.device)
         p = (logp[b, :, y, x] / self.temperature).scatter(1, copy[b, y, x, None], -math.inf).softmax(1)
         top, order = p.sort(1, descending=True)
         inside = top.cumsum(1) - top < self.top_p
         p = torch.where(torch.zeros_like(inside).scatter(1, order, inside), p, 0.0)
         p = p / p.sum(1, keepdim=True)
-        other = (p.log() + gumbel[b, :, y, x]).argmax(1)
+        other = (p.log() - torch.log(-torch.log(u))).argmax(1)
         nxt, sure = copy.clone(), torch.sigmoid(change)
         nxt[b, y, x] = other
         conf = 1 - sure
         conf[b, y, x] = sure[b, y, x] * p.gather(1, other[:, None])[:, 0]
         return nxt, conf
 
-    def _advance(self, nxt):
+    def _advance(self, nxt, pixels=True):
+        if self.heads is not None:
+            self._outcome(torch.cat([self.hist[:, 1 - self.heads.frames:], nxt[:, None]], 1))
         if self.memory:
             self.age = next_age(self.age, self.hist[:, -1], nxt, self.memory)
         self.hist = torch.cat([self.hist[:, 1:], nxt[:, None]], 1)
-        return to_uint8(self.tok.decode(nxt))
+        return to_uint8(self.tok.decode(nxt)) if pixels else nxt
+
+    def _outcome(self, tokens):
+        """The reward and the end of the step just drawn, from the heads: drawn at the
+        temperature, with each dream's own noise, as its tokens are; the most likely at 0."""
+        logits, rows = self.heads(tokens).float(), torch.arange(len(tokens))
+        if self.temperature == 0:
+            sign, end = logits[:, :-1].argmax(1), logits[:, -1] > 0
+        else:
+            sign = (logits[:, :-1] / self.temperature + self._gumbel((logits.shape[1] - 1,), rows)).argmax(1)
+            end = torch.logit(self._uniform((), rows)) < logits[:, -1] / self.temperature  # u < sigmoid(l / T)
+        self.rewards, self.terminals = torch.tensor(REWARD_CLASSES)[sign.cpu()], end.cpu()
 
 
 class LatentActionWorld(TokenWorld):
@@ -1320,11 +1410,11 @@ class LatentWorld(World):
         self.h = None
 
     @torch.inference_mode()
-    def reset_batch(self, frames, seeds=None):
+    def reset_batch(self, frames, seeds=None, rows=None):
         stacks = torch.stack([stack_frames(f, self.tok.stack) for f in frames.to(self.device)])  # (B, L, S*C, H, W)
-        self.hist = self.tok.encode(stacks.flatten(0, 1)).view(*stacks.shape[:2], -1)  # (B, L, D)
-        self.h = None  # the GRU runs over the history at the first step
-        self._streams(len(frames), seeds)  # deterministic dynamics: nothing is drawn from them
+        hist = self.tok.encode(stacks.flatten(0, 1)).view(*stacks.shape[:2], -1)  # (B, L, D)
+        self._set(rows, hist=hist, h=self.dyn.warm(hist))  # the GRU runs over the history but its newest latent
+        self._streams(len(frames), seeds, rows)  # deterministic dynamics: nothing is drawn from them
 
     @torch.inference_mode()
     def reconstruct(self, frames):
@@ -1333,16 +1423,18 @@ class LatentWorld(World):
         return to_uint8(self.tok.decode(self.tok.encode(stacks), last=True))
 
     @torch.inference_mode()
-    def step_batch(self, actions):
+    def step_batch(self, actions, pixels=True):
+        """One step of every dream -> (B, C, H, W) uint8 frames, or with pixels=False the latents."""
         nxt, self.h = self.dyn(self.hist, self._actions(actions), self.h)
         self.hist = torch.cat([self.hist[:, 1:], nxt[:, None]], 1)
-        return to_uint8(self.tok.decode(nxt, last=True))
+        return to_uint8(self.tok.decode(nxt, last=True)) if pixels else nxt
 
 
 def load_world(path, device="cpu", temperature=TEMPERATURE):
     """Any world checkpoint the kit writes -> an object keeping the contract above. A world over
     an autoencoder says so in tokenizer_kind; one without it is over a VQ-VAE. Token worlds draw
-    their next frame at `temperature` (latent worlds are deterministic and ignore it)."""
+    their next frame at `temperature` (latent worlds are deterministic and ignore it), and, with
+    heads, the reward and the end of each step (wm.reward, wm.terminated)."""
     ck = load_checkpoint(path, ("world",))
     latent = ck.get("tokenizer_kind", "vqvae") == "ae"
     try:
@@ -1350,14 +1442,229 @@ def load_world(path, device="cpu", temperature=TEMPERATURE):
         tok.load_state_dict(ck["tokenizer"])
         dyn = make_dynamics(**ck["model_args"])
         dyn.load_state_dict(ck["model"])
+        heads = Outcome(**ck["heads_args"]) if "heads" in ck else None
+        if heads is not None:
+            heads.load_state_dict(ck["heads"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise KitError(f"{path} does not fit this version of the kit ({first_line(e)})") from None
     args = (tok, dyn, ck["frame_space"], ck["game"], ck["action_meanings"], device)
     if latent:
-        return LatentWorld(*args)
-    if ck["model_args"]["arch"] == "lam":
-        return LatentActionWorld(*args, temperature, mapped=ck.get("map_step", 0) > 0)
-    return TokenWorld(*args, temperature)
+        wm = LatentWorld(*args)
+    elif ck["model_args"]["arch"] == "lam":
+        wm = LatentActionWorld(*args, temperature, mapped=ck.get("map_step", 0) > 0)
+    else:
+        wm = TokenWorld(*args, temperature)
+    wm.heads = None if heads is None else heads.to(wm.device).eval()  # the reward and the end: wm.reward, wm.terminated
+    wm.data = ck.get("args", {}).get("data")
+    return wm
+
+
+# -----------------------------------------------------------------------------
+# the dream as an environment: gymnasium's API over the contract, one dream (DreamEnv) or many
+# stepped in one forward pass (DreamVecEnv), for programs that act in the world model.
+# Reward and end come from the world's heads (train_world.py --heads); a world without them
+# pays 0 and never ends, and says so once.
+
+def _dream_world(world, device, temperature):
+    """A world, or a checkpoint path -> a world; ValueError for a checkpoint that is not one."""
+    if not isinstance(world, str):
+        return world
+    try:
+        return load_world(world, device, TEMPERATURE if temperature is None else temperature)
+    except KitError as e:
+        raise ValueError(str(e)) from None
+
+
+class DreamStarts:
+    """Where dreams start: `context` real frames (T, C, H, W) uint8 in the world's space, drawn
+    with a numpy Generator. start="env": a real emulator reset (seeded from the generator) and
+    NOOPs, so a checkpoint alone is enough; start="data": a window of the recorded episodes in
+    `data` (default: the ones the world was trained on), from a pool of `pool` windows read once."""
+
+    def __init__(self, world, start="env", data=None, pool=256):
+        if start not in ("env", "data"):
+            raise ValueError(f"start must be 'env' or 'data', got {start!r}")
+        self.world, self.start, self.env, self.pool = world, start, None, None
+        if start == "data":
+            self.pool = self._read(data or world.data, pool)
+
+    def _read(self, folder, n):
+        try:
+            files = episode_files(folder or "")
+            T, rng, pool = self.world.context, np.random.default_rng(0), []
+            for f in files[:n]:
+                ep = load_episode(f, ["frames", "game"])
+                if str(ep["game"]) != self.world.game:
+                    raise KitError(f"{f} is {ep['game']}, the world dreams {self.world.game}")
+                if len(ep["frames"]) >= T:
+                    for s in rng.integers(0, len(ep["frames"]) - T + 1, size=-(-n // len(files))):
+                        pool.append(preprocess(ep["frames"][s:s + T], self.world.space))
+        except KitError as e:
+            raise ValueError(f"start='data': {e}") from None
+        if not pool:
+            raise ValueError(f"start='data': no episode in {folder} has {self.world.context} frames")
+        return pool
+
+    def __call__(self, rng):
+        if self.pool is not None:
+            return self.pool[int(rng.integers(len(self.pool)))]
+        if self.env is None:
+            self.env = make_env(self.world.game)
+        obs, _ = self.env.reset(seed=int(rng.integers(2 ** 31)))
+        frames = [obs] + [self.env.step(0)[0] for _ in range(self.world.context - 1)]  # 0: NOOP in every ALE game
+        return preprocess(np.stack(frames), self.world.space)
+
+
+def _no_heads(world):
+    if world.heads is None:
+        warnings.warn("this world has no reward/end heads (train_world.py --heads): its dreams pay 0 and never end",
+                      stacklevel=3)
+
+
+def _observations(frames):
+    """(B, C, H, W) uint8 torch -> numpy (B, H, W, C), or (B, H, W) in gray: as observe() gives them."""
+    x = frames.cpu().permute(0, 2, 3, 1).numpy()
+    return x[..., 0] if x.shape[-1] == 1 else x
+
+
+def _frame_space_box(world):
+    H, W, C = frame_shape(world.space)
+    return gym.spaces.Box(0, 255, (H, W, C) if C == 3 else (H, W), np.uint8)
+
+
+class DreamEnv(gym.Env):
+    """One dream as a gymnasium environment: observations are the model's frames, actions the
+    game's (get_action_meanings() as ALE has it), reward and end drawn by the world's heads,
+    truncation after `max_episode_steps`. reset(seed=...) starts from real frames (DreamStarts),
+    or from options={"frames": context frames as observe() gives them}.
+    gymnasium.make("AtariDream-v0", world="checkpoints/pong/world.pt") builds one."""
+
+    metadata = {"render_modes": ["rgb_array", "human"], "render_fps": 15}
+
+    def __init__(self, world, start="env", data=None, max_episode_steps=1000, temperature=None, device="cpu",
+                 render_mode=None):
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.world = _dream_world(world, device, temperature)
+        self.starts, self.max_episode_steps = DreamStarts(self.world, start, data), max_episode_steps
+        self.observation_space = _frame_space_box(self.world)
+        self.action_space, self.render_mode = gym.spaces.Discrete(self.world.n_actions), render_mode
+        self.obs, self.t, self.window = None, 0, None
+        _no_heads(self.world)
+
+    def get_action_meanings(self):
+        return list(self.world.action_meanings)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        if options and "frames" in options:
+            frames = np.asarray(options["frames"], np.uint8)
+            if frames.shape != (self.world.context, *self.observation_space.shape):
+                raise ValueError(f"options['frames'] must be {self.world.context} frames of shape "
+                                 f"{self.observation_space.shape}, got {frames.shape}")
+            frames = torch.as_tensor(frames[:, None] if frames.ndim == 3 else frames.transpose(0, 3, 1, 2))
+        else:
+            frames = self.starts(self.np_random)
+        self.world.reset_batch(frames[None], seeds=[int(self.np_random.integers(2 ** 62))])
+        self.obs, self.t = self.world._frame(frames[-1]), 0
+        return self.obs, {}
+
+    def step(self, action):
+        if not self.action_space.contains(action):
+            raise ValueError(f"action {action!r} is not in {self.action_space}")
+        self.obs, self.t = self.world.step(int(action)), self.t + 1
+        return self.obs, self.world.reward, self.world.terminated, self.t >= self.max_episode_steps, {}
+
+    def render(self):
+        rgb = to_image(self.obs)
+        if self.render_mode == "rgb_array":
+            return rgb
+        if self.render_mode == "human":
+            import pygame
+            if self.window is None:
+                pygame.init()
+                self.window = pygame.display.set_mode((rgb.shape[1] * 4, rgb.shape[0] * 4))
+            pygame.event.pump()
+            surf = pygame.surfarray.make_surface(rgb.repeat(4, 0).repeat(4, 1).swapaxes(0, 1))
+            self.window.blit(surf, (0, 0))
+            pygame.display.flip()
+
+    def close(self):
+        if self.window is not None:
+            import pygame
+            pygame.display.quit()
+            self.window = None
+
+
+class DreamVecEnv(gym.vector.VectorEnv):
+    """`num_envs` dreams stepped in one forward pass of the world, each with its own seed, start
+    and end: gymnasium's VectorEnv API and its default autoreset (NEXT_STEP: the step after an
+    end returns the new episode's first observation, with reward 0, and ignores the action).
+    Dream i does what a DreamEnv reset with seed + i does (bit for bit where the arithmetic is
+    the same: on one thread, a batch rounds as single dreams do). obs="tokens" gives a token
+    world's (h, w) tokens instead of frames, skipping the decoder."""
+
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP, "render_modes": []}
+
+    def __init__(self, world, num_envs=8, start="env", data=None, obs="frames", max_episode_steps=1000,
+                 temperature=None, device="cpu"):
+        self.world = _dream_world(world, device, temperature)
+        if obs not in ("frames", "tokens") or (obs == "tokens" and not isinstance(self.world, TokenWorld)):
+            raise ValueError(f"obs must be 'frames' or, for a token world, 'tokens'; got {obs!r}")
+        self.num_envs, self.obs, self.max_episode_steps = int(num_envs), obs, max_episode_steps
+        self.starts = DreamStarts(self.world, start, data)
+        if obs == "tokens":
+            H, W, C = frame_shape(self.world.space)
+            grid = self.world.tok.encode(torch.zeros(1, C, H, W, dtype=torch.uint8, device=self.world.device)).shape[1:]
+            self.single_observation_space = gym.spaces.Box(0, self.world.tok.n_codes - 1, tuple(grid), np.int64)
+        else:
+            self.single_observation_space = _frame_space_box(self.world)
+        self.single_action_space = gym.spaces.Discrete(self.world.n_actions)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)
+        self.rngs, self.t, self.ended = None, np.zeros(self.num_envs, int), np.zeros(self.num_envs, bool)
+        _no_heads(self.world)
+
+    def get_action_meanings(self):
+        return list(self.world.action_meanings)
+
+    def _start(self, rows):
+        """Start the dreams `rows` again from their own generators -> their first observations."""
+        frames = torch.stack([self.starts(self.rngs[i]) for i in rows])
+        seeds = [int(self.rngs[i].integers(2 ** 62)) for i in rows]
+        self.world.reset_batch(frames, seeds=seeds, rows=None if len(rows) == self.num_envs else rows)
+        self.t[rows], self.ended[rows] = 0, False
+        return self.world.hist[torch.as_tensor(rows), -1].cpu().numpy() if self.obs == "tokens" else \
+            _observations(frames[:, -1])
+
+    def reset(self, *, seed=None, options=None):
+        seeds = [None] * self.num_envs if seed is None else \
+            [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
+        if len(seeds) != self.num_envs:
+            raise ValueError(f"{len(seeds)} seeds for {self.num_envs} dreams")
+        self.rngs = [gym.utils.seeding.np_random(s)[0] for s in seeds]
+        return self._start(np.arange(self.num_envs)), {}
+
+    def step(self, actions):
+        a = np.asarray(actions).reshape(-1)
+        if len(a) != self.num_envs or not all(self.single_action_space.contains(int(x)) for x in a):
+            raise ValueError(f"want {self.num_envs} actions in 0..{self.world.n_actions - 1}, got {actions!r}")
+        out = self.world.step_batch(torch.as_tensor(a), pixels=self.obs == "frames")
+        obs, n = out.cpu().numpy() if self.obs == "tokens" else _observations(out), self.num_envs
+        reward = np.zeros(n) if self.world.rewards is None else self.world.rewards.numpy().astype(np.float64)
+        terminated = np.zeros(n, bool) if self.world.terminals is None else self.world.terminals.numpy().copy()
+        self.t += 1
+        truncated = self.t >= self.max_episode_steps
+        redo = np.nonzero(self.ended)[0]
+        if len(redo):  # the dreams that ended at the last step start again; this step's action is not theirs
+            obs[redo] = self._start(redo)
+            reward[redo], terminated[redo], truncated[redo] = 0.0, False, False
+        self.ended = terminated | truncated
+        return obs, reward, terminated, truncated, {}
+
+
+if "AtariDream-v0" not in gym.registry:
+    gym.register("AtariDream-v0", entry_point=f"{__name__}:DreamEnv", vector_entry_point=f"{__name__}:DreamVecEnv")
 
 
 # =============================================================================
@@ -1495,6 +1802,52 @@ def open_loop(wm, frames, actions, horizons=HORIZONS):
                 m.update({key: v for key, v in pong_scores(dream, real, wm.space, k).items()
                           if k in (10, 30) or key.startswith("ball")})
     return m
+
+
+def _events(pred, true, tolerance):
+    """Matched events, one to one: (true positives, predicted, real). pred, true: lists of (time,
+    value) of the non-zero outcomes; a prediction matches a real event of the same value at
+    most `tolerance` steps away."""
+    left, hits = list(true), 0
+    for t, v in pred:
+        m = next((e for e in left if e[1] == v and abs(e[0] - t) <= tolerance), None)
+        if m is not None:
+            left.remove(m)
+            hits += 1
+    return np.array([hits, len(pred), len(true)])
+
+
+@torch.no_grad()
+def outcome_scores(wm, episodes, horizon=10, batch=256):
+    """Precision and recall of the heads' reward events (the sign must match) and episode ends:
+    at one step from real history, exactly at that step; and in open-loop rollouts of `horizon`
+    steps with the true actions, started every `horizon` steps, within one step. episodes:
+    dicts with frames (N+1, C, H, W) uint8 in wm's space, actions, rewards, terminated (N,).
+    NaN where there is nothing to count (Pong's default data never ends: it is cut at 1000 steps)."""
+    T, tally = wm.context, {}
+    for k in (1, horizon):
+        count = {"reward": np.zeros(3), "end": np.zeros(3)}
+        for ep in episodes:
+            real = {"reward": np.sign(ep["rewards"].numpy()), "end": ep["terminated"].numpy().astype(float)}
+            starts = list(range(T - 1, len(ep["actions"]) - k + 1, k))
+            for chunk in [starts[i:i + batch] for i in range(0, len(starts), batch)]:
+                wm.seed(0)
+                wm.reset_batch(torch.stack([ep["frames"][s - T + 1:s + 1] for s in chunk]))
+                got = {"reward": [], "end": []}
+                for j in range(k):
+                    wm.step_batch(ep["actions"][[s + j for s in chunk]], pixels=False)
+                    got["reward"].append(np.zeros(len(chunk)) if wm.rewards is None else wm.rewards.numpy())
+                    got["end"].append(np.zeros(len(chunk)) if wm.terminals is None else wm.terminals.numpy())
+                for name in count:
+                    for i, s in enumerate(chunk):
+                        true = [(s + j, real[name][s + j]) for j in range(k) if real[name][s + j]]
+                        pred = [(s + j, got[name][j][i]) for j in range(k) if got[name][j][i]]
+                        count[name] += _events(pred, true, 0 if k == 1 else 1)
+        for name, (hits, npred, ntrue) in count.items():
+            # plain floats: checkpoints load with weights_only
+            tally[f"{name}_precision@{k}"] = float(hits / npred) if npred else float("nan")
+            tally[f"{name}_recall@{k}"] = float(hits / ntrue) if ntrue else float("nan")
+    return tally
 
 
 def busiest(episodes, length):

@@ -102,6 +102,9 @@ class Session:
         """Fresh real frames: env reset, `warmup` NOOPs, and the dream starts from the last `context`."""
         obs, _ = self.env.reset(seed=self.args.seed + self.restarts)
         self.restarts += 1
+        self.paused = self.paused and not getattr(self, "over", False)  # R after a game over plays on
+        self.score = {"dream": [0, 0], "real": [0, 0]}  # points for the player, for the other side
+        self.over = False  # the heads drew a game over: the dream waits for R
         frames = [self.wm.observe(obs)]
         for _ in range(self.warmup):
             obs = self.env.step(NOOP)[0]
@@ -133,9 +136,13 @@ class Session:
         else:
             self.dream = self.wm.step(action)
         t1 = time.perf_counter()
+        self.count("dream", getattr(self.wm, "reward", 0.0))  # a world beyond the contract's four draws the reward
+        self.over = getattr(self.wm, "terminated", False)
+        self.paused = self.paused or self.over
         over = False
         if self.args.shadow:
-            self.obs, _, terminated, truncated, _ = self.env.step(action)
+            self.obs, reward, terminated, truncated, _ = self.env.step(action)
+            self.count("real", reward)
             self.real = self.wm.observe(self.obs)
             self.history.append(self.real)
             d = self.dream.astype(np.float32) - self.real
@@ -146,6 +153,10 @@ class Session:
         self.tick("env", time.perf_counter() - t1)
         if over:
             self.restart()  # the real game ended: start both again rather than dream past it
+
+    def count(self, who, reward):
+        if reward:
+            self.score[who][reward < 0] += 1
 
     def tick(self, part, seconds):
         self.ms[part] += 0.1 * (1000 * seconds - self.ms[part])
@@ -259,7 +270,9 @@ def hud(s, scale):
         return [labels(s, scale), [(2, stats + ("  PAUSED" if s.paused else ""))], [(2, latent_legend(s.wm))]]
     if s.args.shadow:
         stats += f"  ERROR {s.err:.1f}  PSNR {common.psnr(s.mse):.1f} DB"
-    return [labels(s, scale), [(2, stats + ("  PAUSED" if s.paused else ""))], [(2, legend(s.wm.action_meanings))]]
+    score = "SCORE {}:{}".format(*s.score["dream"]) + ("  REAL {}:{}".format(*s.score["real"]) if s.args.shadow else "")
+    state = "  GAME OVER: R RESTARTS" if s.over else "  PAUSED" if s.paused else ""
+    return [labels(s, scale), [(2, stats)], [(2, score + state)], [(2, legend(s.wm.action_meanings))]]
 
 
 def picture(s, scale, rows, overlay=True):

@@ -46,6 +46,12 @@ p.add_argument("--actions", type=common.positive_int, default=2,
 p.add_argument("--masked", action=argparse.BooleanOptionalAction, default=True,
                help="conv: also see the next frame as far as it is decided, so that sampling can decide uncertain "
                     "cells one after another (MaskGIT)")
+p.add_argument("--heads", action=argparse.BooleanOptionalAction, default=True,
+               help="also learn each transition's reward (its sign) and whether it ends the episode: "
+                    "world.reward, world.terminated, DreamEnv")
+p.add_argument("--event-share", type=common.probability, default=0.5,
+               help="share of the heads' batch drawn from the transitions within 2 steps of a reward or an end "
+                    "(Pong pays a point every ~70 steps: uniform batches would hardly ever show one)")
 p.add_argument("--fresh-starts", type=common.probability, default=0.25,
                help="share of training windows that start as a dream from real frames does: no memory, "
                     "no earlier action")
@@ -125,6 +131,22 @@ def token_loss(dyn, hist, act, tgt, age, tf, emb, disc, args):
     return loss
 
 
+def outcome_loss(heads, eps, transitions, events, g, device, args):
+    """The heads' loss on a batch of 2 x --batch transitions, --event-share of them drawn from
+    `events` (those near a reward or an end): cross-entropy of the reward's sign, and of the end."""
+    n = 2 * args.batch
+    k = round(n * args.event_share) if events else 0
+    idx = [transitions[i] for i in g.integers(len(transitions), size=n - k)] + [events[i] for i in
+                                                                                 g.integers(len(events), size=k)]
+    frames = heads.frames
+    tokens = torch.stack([eps[i]["tokens"][j + 2 - frames:j + 2] for i, j in idx])
+    sign = torch.stack([eps[i]["rewards"][j].sign().long() + 1 for i, j in idx])
+    end = torch.stack([eps[i]["terminated"][j].float() for i, j in idx])
+    logits = heads(tokens.to(device))
+    return F.cross_entropy(logits[:, :-1], sign.to(logits.device)) + F.binary_cross_entropy_with_logits(
+        logits[:, -1], end.to(logits.device))
+
+
 # -----------------------------------------------------------------------------
 # eval on frozen windows
 
@@ -154,6 +176,10 @@ def evaluate(wm, val, fixed):
             m[f"rollout_acc@{k + 1}"] = (h[:, -1] == tgt[:, k]).float().mean().item()
     frames = torch.stack([val[i]["frames"][s:s + T + H] for i, s in fixed])
     m.update(common.open_loop(wm, frames, act[:, n - 1:]))
+    if wm.heads is not None:
+        wm.heads.eval()
+        m.update(common.outcome_scores(wm, val))
+        wm.heads.train()
     dyn.train()
     return m
 
@@ -189,8 +215,13 @@ def main():
     rng = np.random.default_rng(1234)  # frozen eval indices (seed 003's gold eval)
     fixed = [vpool[i] for i in sorted(rng.choice(len(vpool), min(args.eval_windows, len(vpool)), replace=False))]
     grid = tuple(train[0]["tokens"].shape[1:])
-    print(f"data: {sum(len(e['actions']) for e in train)} train transitions ({len(train)} episodes), "
-          f"{len(val)} val episodes, {len(fixed)} frozen eval windows; token grid {grid}")
+    # the heads' transitions (episode, step) with the frames they read, and the rare ones that pay or end,
+    # with the two steps either side: the ball is just as gone one step after the point, which pays nothing
+    transitions = [(i, j) for i, ep in enumerate(train) for j in range(1, len(ep["actions"]))]
+    paid = {(i, j) for i, j in transitions if train[i]["rewards"][j] != 0 or train[i]["terminated"][j]}
+    events = [(i, j) for i, j in transitions if any((i, j + d) in paid for d in range(-2, 3))]
+    print(f"data: {sum(len(e['actions']) for e in train)} train transitions ({len(train)} episodes, {len(paid)} "
+          f"with a reward or an end), {len(val)} val episodes, {len(fixed)} frozen eval windows; token grid {grid}")
 
     # -------------------------------------------------------------------------
     # model
@@ -204,13 +235,22 @@ def main():
         model_args["actions"] = args.actions
 
     dyn = common.make_dynamics(**model_args).to(device)
+    heads_args = dict(n_codes=tok.n_codes, grid=grid) if args.heads else None
+    with torch.random.fork_rng(devices=[]):  # the heads draw from their own streams: the dynamics train
+        torch.manual_seed(args.seed + 1)  # exactly as they would without them
+        heads = common.Outcome(**heads_args).to(device) if args.heads else None
     tok = tok.to(device).requires_grad_(False)
-    opt = torch.optim.AdamW(dyn.parameters(), lr=args.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(list(dyn.parameters()) + list(heads.parameters() if heads else []), lr=args.lr,
+                            weight_decay=0.01)
     step, metrics = 0, {}
     if args.resume:
-        _, step, metrics = common.resume(out, "world", dyn, opt, model_args=model_args, tokenizer_key=tok_key)
+        ck, step, metrics = common.resume(out, "world", dyn, opt, model_args=model_args, tokenizer_key=tok_key,
+                                          heads_args=heads_args)
+        if heads:
+            heads.load_state_dict(ck["heads"])
     fwd = torch.compile(dyn) if args.compile else dyn
     wm = common.TokenWorld(tok, dyn, space, tck["game"], meanings, device)
+    wm.heads = heads
     emb = tok.quantizer.embed / tok.quantizer.embed.norm(dim=1).max()
     print(f"model: {args.arch}, {sum(p.numel() for p in dyn.parameters()) / 1e6:.2f}M parameters on {device}")
 
@@ -219,11 +259,12 @@ def main():
             kind="world", model_args=model_args, model=dyn.state_dict(), optimizer=opt.state_dict(),
             tokenizer_args=tck["model_args"], tokenizer=tok.state_dict(), tokenizer_path=tok_path,
             tokenizer_key=tok_key, frame_space=space, game=tck["game"], action_meanings=meanings,
-            step=step, args=vars(args), metrics=metrics))
+            step=step, args=vars(args), metrics=metrics, **({"heads_args": heads_args, "heads": heads.state_dict()}
+                                                            if heads else {})))
 
     # -------------------------------------------------------------------------
     # loop: K-step rollouts on the model's own predictions, with scheduled teacher forcing
-    g = np.random.default_rng(args.seed)
+    g, g_heads = np.random.default_rng(args.seed), np.random.default_rng(args.seed + 1)
     disc = torch.tensor([args.discount ** k for k in range(K)])
     disc = disc / disc.sum()  # normalized discounted loss (seed 003)
     bar = tqdm(total=args.steps, initial=step, desc="world", unit="step")
@@ -243,6 +284,8 @@ def main():
                 age = torch.where(fresh, common.ages(hist, args.memory, unknown=True)[:, -1], age)
             act[:, :args.actions - 1] = torch.where(fresh[:, :, 0], len(meanings), act[:, :args.actions - 1])
             loss = token_loss(fwd, hist, act, tgt, age, tf, emb, disc, args)
+            if heads:
+                loss = loss + outcome_loss(heads, train, transitions, events, g_heads, device, args)
             common.check_finite(loss, step, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()

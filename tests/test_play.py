@@ -251,6 +251,27 @@ def test_gray_world_draws(pg, tmp_path):
     assert len(imageio.mimread(tmp_path / "g.gif")) == 3
 
 
+def test_dreamed_score_and_game_over(session, pg):
+    s, wm = session
+    draws = iter([(1.0, False), (0.0, False), (-1.0, False), (1.0, True)] + [(0.0, False)] * 9)
+
+    def step(action):  # a world with heads: each step draws a reward and an end
+        wm.reward, wm.terminated = next(draws)
+        return StubWorld.step(wm, action)
+
+    wm.step = step
+    for _ in range(3):
+        frame(s)
+    assert s.score["dream"] == [1, 1] and not s.over
+    frame(s)
+    assert s.score["dream"] == [2, 1] and s.over and s.paused
+    frame(s)
+    assert len(wm.actions) == 4  # the dream waits
+    assert any("SCORE 2:1" in t and "GAME OVER" in t for row in play.hud(s, 1) for _, t in row)
+    frame(s, (pg.KEYDOWN, pg.K_r))
+    assert s.score["dream"] == [0, 0] and not s.over and not s.paused and len(wm.actions) == 5
+
+
 def test_legend_follows_the_action_meanings():
     pong = play.legend(PONG_MEANINGS)
     assert "UP=RIGHT" in pong and "DOWN=LEFT" in pong and "SPACE=FIRE" in pong and "Q QUIT" in pong
