@@ -1157,6 +1157,12 @@ SURE = 0.9  # TokenWorld.decode: a token drawn with at least this probability is
 TOP_P = 0.9  # TokenWorld draws each token from the most likely tokens that hold this probability
 
 
+def observations(frames):
+    """(B, C, H, W) uint8 torch -> numpy (B, H, W, C), or (B, H, W) in gray: the contract's layout."""
+    x = frames.cpu().permute(0, 2, 3, 1).numpy()
+    return x[..., 0] if x.shape[-1] == 1 else x
+
+
 class World:
     """What every world shares: the frame space in and out, the checks, compile(), and the
     one-dream contract over the batched core (reset_batch, step_batch) that each kind of world
@@ -1231,7 +1237,7 @@ class World:
     @staticmethod
     def _frame(f):
         """(C, H, W) uint8 torch -> H x W (x C) numpy"""
-        return f[0].numpy() if f.shape[0] == 1 else f.permute(1, 2, 0).numpy()
+        return observations(f[None])[0]
 
     def _actions(self, actions):
         """Action indices for the dreams in flight -> a checked (B,) long tensor on the device."""
@@ -1318,12 +1324,18 @@ class TokenWorld(World):
             unsure[rows] = redo & (conf2 < SURE)
         return nxt
 
-    def _uniform(self, shape, rows):
-        u = torch.stack([torch.rand(shape, generator=self.generators[r]) for r in rows.tolist()])
+    def _uniform(self, shape, rows, counts=None):
+        """Noise from each dream's own stream: `shape` for each of the dreams `rows`, stacked; or,
+        with `counts`, counts[i] x `shape` for dream rows[i], concatenated."""
+        if counts is None:
+            u = torch.stack([torch.rand(shape, generator=self.generators[r]) for r in rows.tolist()])
+        else:
+            u = torch.cat([torch.rand((n, *shape), generator=self.generators[r])
+                           for r, n in zip(rows.tolist(), counts)])
         return u.clamp(1e-12, 1 - 1e-7).to(self.device)
 
-    def _gumbel(self, shape, rows):
-        return -torch.log(-torch.log(self._uniform(shape, rows)))
+    def _gumbel(self, shape, rows, counts=None):
+        return -torch.log(-torch.log(self._uniform(shape, rows, counts)))
 
     def _draw(self, logits, rows):
         """Each cell of the dreams `rows`, drawn in two steps: does it change, and if so, into
@@ -1339,15 +1351,14 @@ class TokenWorld(World):
         u = self._uniform(change.shape[1:], rows)
         changes = change + torch.log(u) - torch.log1p(-u) > 0
         b, y, x = changes.nonzero(as_tuple=True)  # the few cells that change: their new token
-        counts = torch.bincount(b, minlength=len(rows)).tolist()  # noise for those only, from each dream's stream
-        u = torch.cat([torch.rand((n, logits.shape[1]), generator=self.generators[r])
-                       for r, n in zip(rows.tolist(), counts)]).clamp(1e-12, 1 - 1e-7).to(self.device)
+        counts = torch.bincount(b, minlength=len(rows)).tolist()  # noise for those cells only
+        gumbel = self._gumbel((logits.shape[1],), rows, counts)
         p = (logp[b, :, y, x] / self.temperature).scatter(1, copy[b, y, x, None], -math.inf).softmax(1)
         top, order = p.sort(1, descending=True)
         inside = top.cumsum(1) - top < self.top_p
         p = torch.where(torch.zeros_like(inside).scatter(1, order, inside), p, 0.0)
         p = p / p.sum(1, keepdim=True)
-        other = (p.log() - torch.log(-torch.log(u))).argmax(1)
+        other = (p.log() + gumbel).argmax(1)
         nxt, sure = copy.clone(), torch.sigmoid(change)
         nxt[b, y, x] = other
         conf = 1 - sure
@@ -1484,7 +1495,7 @@ class DreamStarts:
     def __init__(self, world, start="env", data=None, pool=256):
         if start not in ("env", "data"):
             raise ValueError(f"start must be 'env' or 'data', got {start!r}")
-        self.world, self.start, self.env, self.pool = world, start, None, None
+        self.world, self.env, self.pool = world, None, None
         if start == "data":
             self.pool = self._read(data or world.data, pool)
 
@@ -1519,12 +1530,6 @@ def _no_heads(world):
     if world.heads is None:
         warnings.warn("this world has no reward/end heads (train_world.py --heads): its dreams pay 0 and never end",
                       stacklevel=3)
-
-
-def _observations(frames):
-    """(B, C, H, W) uint8 torch -> numpy (B, H, W, C), or (B, H, W) in gray: as observe() gives them."""
-    x = frames.cpu().permute(0, 2, 3, 1).numpy()
-    return x[..., 0] if x.shape[-1] == 1 else x
 
 
 def _frame_space_box(world):
@@ -1635,7 +1640,7 @@ class DreamVecEnv(gym.vector.VectorEnv):
         self.world.reset_batch(frames, seeds=seeds, rows=None if len(rows) == self.num_envs else rows)
         self.t[rows], self.ended[rows] = 0, False
         return self.world.hist[torch.as_tensor(rows), -1].cpu().numpy() if self.obs == "tokens" else \
-            _observations(frames[:, -1])
+            observations(frames[:, -1])
 
     def reset(self, *, seed=None, options=None):
         seeds = [None] * self.num_envs if seed is None else \
@@ -1650,7 +1655,7 @@ class DreamVecEnv(gym.vector.VectorEnv):
         if len(a) != self.num_envs or not all(self.single_action_space.contains(int(x)) for x in a):
             raise ValueError(f"want {self.num_envs} actions in 0..{self.world.n_actions - 1}, got {actions!r}")
         out = self.world.step_batch(torch.as_tensor(a), pixels=self.obs == "frames")
-        obs, n = out.cpu().numpy() if self.obs == "tokens" else _observations(out), self.num_envs
+        obs, n = out.cpu().numpy() if self.obs == "tokens" else observations(out), self.num_envs
         reward = np.zeros(n) if self.world.rewards is None else self.world.rewards.numpy().astype(np.float64)
         terminated = np.zeros(n, bool) if self.world.terminals is None else self.world.terminals.numpy().copy()
         self.t += 1
