@@ -263,16 +263,22 @@ def latent_legend(wm):
             "P PAUSE  R RESTART  Q QUIT")
 
 
+def status(s):
+    """The shadow's error, and the dreamed score (the real one beside it): the window's and the GIF's."""
+    if not s.args.shadow:
+        return "", "SCORE {}:{}".format(*s.score["dream"])
+    return (f"  ERROR {s.err:.1f}  PSNR {common.psnr(s.mse):.1f} DB",
+            "SCORE {}:{}  REAL {}:{}".format(*s.score["dream"], *s.score["real"]))
+
+
 def hud(s, scale):
     stats = f"STEP {s.t}  FPS {s.fps:.0f}  MODEL {s.ms['model']:.1f} MS"
     if s.args.latent_actions:
         stats += f"  LATENT {'-' if s.latent_action is None else s.latent_action}"
         return [labels(s, scale), [(2, stats + ("  PAUSED" if s.paused else ""))], [(2, latent_legend(s.wm))]]
-    if s.args.shadow:
-        stats += f"  ERROR {s.err:.1f}  PSNR {common.psnr(s.mse):.1f} DB"
-    score = "SCORE {}:{}".format(*s.score["dream"]) + ("  REAL {}:{}".format(*s.score["real"]) if s.args.shadow else "")
+    error, score = status(s)
     state = "  GAME OVER: R RESTARTS" if s.over else "  PAUSED" if s.paused else ""
-    return [labels(s, scale), [(2, stats)], [(2, score + state)], [(2, legend(s.wm.action_meanings))]]
+    return [labels(s, scale), [(2, stats + error)], [(2, score + state)], [(2, legend(s.wm.action_meanings))]]
 
 
 def picture(s, scale, rows, overlay=True):
@@ -374,10 +380,9 @@ def dream_gif(wm, env, args, policy):
         s.step(s.act())
         # the counter also keeps every frame distinct: Pillow merges identical neighbours, and the GIF
         # must have exactly --steps frames
-        stats = f"STEP {k}/{args.steps}"
-        if args.shadow:
-            stats += f"  ERROR {s.err:.1f}  PSNR {common.psnr(s.mse):.1f} DB"
-        frames.append(picture(s, scale, [labels(s, scale, overlay=False), [(2, stats)]], overlay=False))
+        error, score = status(s)
+        rows = [labels(s, scale, overlay=False), [(2, f"STEP {k}/{args.steps}" + error)], [(2, score)]]
+        frames.append(picture(s, scale, rows, overlay=False))
         err.append(s.err)
         mse.append(s.mse)
     try:  # GIF frame durations are in milliseconds since imageio 2.28 (1/fps would mean "no delay")

@@ -268,6 +268,7 @@ def test_dreamed_score_and_game_over(session, pg):
     frame(s)
     assert len(wm.actions) == 4  # the dream waits
     assert any("SCORE 2:1" in t and "GAME OVER" in t for row in play.hud(s, 1) for _, t in row)
+    assert play.status(s)[1] == "SCORE 2:1  REAL 0:0"  # the headless GIF shows the same line
     frame(s, (pg.KEYDOWN, pg.K_r))
     assert s.score["dream"] == [0, 0] and not s.over and not s.paused and len(wm.actions) == 5
 
