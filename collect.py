@@ -8,6 +8,8 @@ Examples:
   python collect.py --game Breakout --policy tracker --steps 50000 --seed 1
   python collect.py --game SpaceInvaders --policy sticky --out data/si
   python collect.py --policy human --steps 3000            # you play, at 15 FPS, arrows + space
+  python collect.py --policy agent:checkpoints/pong/agent.pt --out data/pong2   # the agent train_agent.py made
+  python collect.py --agent checkpoints/pong/agent.pt      # mix, the agent in place of the tracker
 
 Ctrl-C keeps every finished episode and saves the one in progress (marked truncated).
 Running again into the same folder adds episodes; it never overwrites.
@@ -21,6 +23,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 import common
@@ -31,9 +34,11 @@ import common
 p = common.flags(__doc__)
 p.add_argument("--game", default="Pong", help="ALE game: short name (Pong, Breakout, ...) or full id (ALE/Pong-v5)")
 p.add_argument("--steps", type=common.positive_int, default=20000, help="transitions to record in total")
-p.add_argument("--policy", default="mix", choices=["random", "sticky", "tracker", "human", "mix"],
-               help="who plays: uniform random, held random actions, RAM ball-tracker, you, or a mix")
+p.add_argument("--policy", default="mix", type=common.policy_flag("random", "sticky", "tracker", "human", "mix"),
+               help="who plays: uniform random, held random actions, RAM ball-tracker, you, a mix, or agent:PATH "
+                    "(an agent from train_agent.py)")
 p.add_argument("--mix", default="0.5,0.3,0.2", help="mix policy weights: tracker,sticky,random")
+p.add_argument("--agent", default=None, help="mix: this train_agent.py agent plays the tracker's share")
 p.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical episodes")
 p.add_argument("--out", default=None, help="output folder (default: data/<game>)")
 p.add_argument("--max-episode-steps", type=common.positive_int, default=1000,
@@ -92,6 +97,10 @@ def main():
     except (ValueError, AssertionError):
         raise common.KitError(f"--mix wants three non-negative weights tracker,sticky,random, got '{args.mix}'") \
             from None
+    if args.agent and args.policy != "mix":
+        raise common.KitError(f"--agent plays a share of --policy mix; the agent alone is --policy agent:{args.agent}")
+    if args.agent or args.policy.startswith("agent:"):
+        torch.set_num_threads(1)  # the agent acts at batch 1 beside the writer thread: a 2nd torch thread stalls
     env = common.make_env(args.game, sticky=args.sticky)
     out = args.out or os.path.join("data", env.game[4:-3].lower())
     try:
@@ -144,7 +153,7 @@ def main():
             # appended to a folder later get fresh seeds
             env_seed, pol_seed = np.random.SeedSequence([args.seed, idx]).generate_state(2)
             rng = np.random.default_rng(pol_seed)
-            policy = human or common.make_policy(args.policy, env, rng, mix, warn=ep == 0)
+            policy = human or common.make_policy(args.policy, env, rng, mix, warn=ep == 0, agent=args.agent)
             # a seeded reset reloads the ROM (~90 ms); without sticky actions the emulator is
             # deterministic given the actions, so only the first episode needs it
             obs, _ = env.reset(seed=int(env_seed)) if ep == 0 or args.sticky > 0 else env.reset()

@@ -3,7 +3,8 @@
   1. running a script   KitError, run, flags() and its type checks, pick_device, seed_everything,
                         check_finite, resume
   2. the game           make_env (every script and evaluation plays through it), the keyboard,
-                        check_display, the policies (random, sticky, tracker, mix)
+                        check_display, the policies (random, sticky, tracker, mix), the trained
+                        agent (Agent, AgentPolicy: train_agent.py)
   3. frames             FRAME_SPACES, preprocess, to_image, to_float / to_uint8, stack_frames
   4. files              episodes, the train/validation split, load_dataset, checkpoints, the
                         token and latent caches, windows
@@ -110,6 +111,15 @@ def nonneg_float(text):
 
 def probability(text):
     return _number(text, float, lambda v: 0 <= v <= 1, "between 0 and 1")
+
+
+def policy_flag(*names):
+    """The type of a --policy flag: one of `names`, or agent:PATH (a train_agent.py checkpoint)."""
+    def check(text):
+        if text in names or (text.startswith("agent:") and len(text) > len("agent:")):
+            return text
+        raise argparse.ArgumentTypeError(f"'{text}' is not a policy ({', '.join(names)}, agent:PATH)")
+    return check
 
 def pick_device(name=None):
     """cuda, then mps, then cpu; `name` (the --device flag) overrides."""
@@ -324,19 +334,23 @@ class MixPolicy:
         if self.left <= 0:
             self.cur = self.parts[int(self.rng.choice(len(self.parts), p=self.p))]
             self.left = int(self.rng.integers(10, 201))
+            getattr(self.cur, "reset", lambda: None)()  # an agent's frame stack is stale by now
         self.left -= 1
         return self.cur(env, obs)
 
 
-def make_policy(name, env, rng, mix_weights=(0.5, 0.3, 0.2), warn=True):
-    """random | sticky | tracker | mix. A tracker asked for a game without one falls back to
-    sticky, with a warning; mix then drops its tracker share."""
+def make_policy(name, env, rng, mix_weights=(0.5, 0.3, 0.2), warn=True, agent=None):
+    """random | sticky | tracker | mix | agent:PATH (a train_agent.py checkpoint). A tracker asked
+    for a game without one falls back to sticky, with a warning; mix then drops its tracker share,
+    unless `agent` (a checkpoint path) plays that share instead."""
     n = env.action_space.n
     has_tracker = env.game in TrackerPolicy.GAMES
     if name == "random":
         return RandomPolicy(n, rng)
     if name == "sticky":
         return StickyPolicy(n, rng)
+    if name.startswith("agent:"):
+        return AgentPolicy.load(name[len("agent:"):], env.game, env.action_meanings, rng)
     if name == "tracker":
         if has_tracker:
             return TrackerPolicy(env.game, env.action_meanings, rng)
@@ -345,17 +359,105 @@ def make_policy(name, env, rng, mix_weights=(0.5, 0.3, 0.2), warn=True):
         return StickyPolicy(n, rng)
     if name == "mix":
         w_track, w_sticky, w_rand = mix_weights
-        if not has_tracker:
+        if agent:
+            player = AgentPolicy.load(agent, env.game, env.action_meanings, rng)
+        elif has_tracker:
+            player = TrackerPolicy(env.game, env.action_meanings, rng)
+        else:
             if warn and w_track > 0:
                 print(f"warning: no tracker for {env.game}; mix uses sticky and random only", file=sys.stderr)
-            w_track = 0.0
-        parts = [TrackerPolicy(env.game, env.action_meanings, rng) if has_tracker else None,
-                 StickyPolicy(n, rng), RandomPolicy(n, rng)]
+            player, w_track = None, 0.0
+        parts = [player, StickyPolicy(n, rng), RandomPolicy(n, rng)]
         keep = [(p, w) for p, w in zip(parts, (w_track, w_sticky, w_rand)) if w > 0 and p is not None]
         if not keep:
             raise KitError("--mix weights must have at least one positive entry")
         return MixPolicy([p for p, _ in keep], [w for _, w in keep], rng)
-    raise KitError(f"unknown policy '{name}' (random, sticky, tracker, mix)")
+    raise KitError(f"unknown policy '{name}' (random, sticky, tracker, mix, agent:PATH)")
+
+
+# -----------------------------------------------------------------------------
+# the learned agent (train_agent.py): an actor-critic over a world's tokens, trained in the
+# dream; as a policy it plays any frames: the real game (collect.py, the evaluation) or a
+# dream (play.py), through its own copy of the world's tokenizer.
+
+class Agent(nn.Module):
+    """Actor-critic over the last `stack` frames of tokens (B, stack, h, w): a learned embedding
+    per code, two strided convs, one hidden layer, then the policy's logits and the value.
+    CleanRL's ppo_atari.py network and initialisation, shrunk to a 21x16 grid of codes."""
+
+    def __init__(self, n_codes, grid, n_actions, stack=4, emb=8, dim=32, hidden=256):
+        super().__init__()
+        self.n_actions, self.stack = n_actions, stack
+
+        def init(layer, std=math.sqrt(2)):  # orthogonal, as CleanRL (from Engstrom et al. 2020)
+            nn.init.orthogonal_(layer.weight, std)
+            nn.init.zeros_(layer.bias)
+            return layer
+
+        self.embed = nn.Embedding(n_codes, emb)
+        self.convs = nn.Sequential(init(nn.Conv2d(stack * emb, dim, 4, 2, 1)), nn.ReLU(),
+                                   init(nn.Conv2d(dim, 2 * dim, 3, 2, 1)), nn.ReLU(), nn.Flatten())
+        n = self.convs(torch.zeros(1, stack * emb, *grid)).shape[1]
+        self.hidden = nn.Sequential(init(nn.Linear(n, hidden)), nn.ReLU())
+        self.actor = init(nn.Linear(hidden, n_actions), 0.01)  # near-uniform first policy
+        self.critic = init(nn.Linear(hidden, 1), 1.0)
+
+    def forward(self, tokens):
+        """(B, stack, h, w) codes -> policy logits (B, n_actions), value (B,)"""
+        x = self.embed(tokens).permute(0, 1, 4, 2, 3).flatten(1, 2)
+        x = self.hidden(self.convs(x))
+        return self.actor(x), self.critic(x)[:, 0]
+
+
+def push_frames(stack, codes, fresh):
+    """The agent's frame stack (B, stack, h, w) with the newest codes (B, h, w) appended; a dream
+    or game that starts afresh (fresh: (B,) bool) fills its stack with its first frame, as
+    gymnasium's FrameStackObservation does at a reset."""
+    stack = torch.cat([stack[:, 1:], codes[:, None]], 1)
+    stack[fresh] = codes[fresh, None]
+    return stack
+
+
+class AgentPolicy:
+    """A trained agent as a policy: frames -> tokens (the agent's copy of the world's tokenizer)
+    -> its frame stack -> an action drawn from its policy. One game (__call__, as collect.py's
+    policies) or a batch of games in lockstep (act_batch, train_agent.py's evaluation)."""
+
+    def __init__(self, agent, tok, space, seed=0):
+        self.agent, self.tok, self.space = agent.eval(), tok.eval(), space
+        self.gen, self.stack = torch.Generator().manual_seed(int(seed)), None
+
+    @classmethod
+    def load(cls, path, game, meanings, rng):
+        ck = load_checkpoint(path, ("agent",))
+        if ck["game"] != game or list(ck["action_meanings"]) != list(meanings):
+            raise KitError(f"agent {path} plays {ck['game']} with actions {list(ck['action_meanings'])}; "
+                           f"this is {game} with {list(meanings)}")
+        agent, tok = Agent(**ck["model_args"]), VQVAE(**ck["tokenizer_args"])
+        agent.load_state_dict(ck["model"])
+        tok.load_state_dict(ck["tokenizer"])
+        return cls(agent, tok, ck["frame_space"], int(rng.integers(2 ** 62)))
+
+    def reset(self):
+        self.stack = None
+
+    @torch.inference_mode()
+    def act_batch(self, frames, fresh):
+        """frames (B, C, H, W) uint8 in the agent's frame space, fresh (B,) bool -> actions (B,) numpy"""
+        codes = self.tok.encode(frames)
+        fresh = torch.as_tensor(fresh) | (self.stack is None)
+        self.stack = push_frames(codes[:, None].repeat(1, self.agent.stack, 1, 1) if self.stack is None
+                                 else self.stack, codes, fresh)
+        logits, _ = self.agent(self.stack)
+        return torch.multinomial(logits.softmax(-1).cpu(), 1, generator=self.gen)[:, 0].numpy()
+
+    def act(self, frame):
+        """One frame of a dream, as the contract gives it (H, W, C or H, W numpy) -> an action."""
+        return int(self.act_batch(frames_tensor(frame[None]), [False])[0])
+
+    def __call__(self, env, obs):
+        """A raw frame of the real game (210, 160, 3) -> an action."""
+        return int(self.act_batch(preprocess(obs[None], self.space), [False])[0])
 
 
 # =============================================================================
@@ -1163,6 +1265,12 @@ def observations(frames):
     return x[..., 0] if x.shape[-1] == 1 else x
 
 
+def frames_tensor(frames):
+    """The inverse of observations: numpy (B, H, W, C), or (B, H, W) in gray -> (B, C, H, W) uint8 torch."""
+    x = torch.as_tensor(np.asarray(frames, np.uint8))
+    return x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
+
+
 class World:
     """What every world shares: the frame space in and out, the checks, compile(), and the
     one-dream contract over the batched core (reset_batch, step_batch) that each kind of world
@@ -1227,8 +1335,7 @@ class World:
         """Start one dream from `context` frames of observe(), oldest first."""
         if len(frames) != self.context:
             raise KitError(f"reset wants {self.context} frames of history, got {len(frames)}")
-        x = torch.as_tensor(np.stack(frames))
-        self.reset_batch((x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2))[None])
+        self.reset_batch(frames_tensor(np.stack(frames))[None])
 
     def step(self, action):
         """One step of the dream: the predicted next frame, in the space of observe()."""
@@ -1490,31 +1597,44 @@ class DreamStarts:
     """Where dreams start: `context` real frames (T, C, H, W) uint8 in the world's space, drawn
     with a numpy Generator. start="env": a real emulator reset (seeded from the generator) and
     NOOPs, so a checkpoint alone is enough; start="data": a window of the recorded episodes in
-    `data` (default: the ones the world was trained on), from a pool of `pool` windows read once."""
+    `data` (default: the ones the world was trained on), from a pool of `pool` windows read once,
+    a share `paying` of them windows after which the recording paid a reward within `within` steps."""
 
-    def __init__(self, world, start="env", data=None, pool=256):
+    def __init__(self, world, start="env", data=None, pool=256, paying=0.0, within=20):
         if start not in ("env", "data"):
             raise ValueError(f"start must be 'env' or 'data', got {start!r}")
         self.world, self.env, self.pool = world, None, None
         if start == "data":
-            self.pool = self._read(data or world.data, pool)
+            self.pool = self._read(data or world.data, pool, paying, within)
 
-    def _read(self, folder, n):
+    def _read(self, folder, n, paying, within):
         try:
             files = episode_files(folder or "")
-            T, rng, pool = self.world.context, np.random.default_rng(0), []
+            T, rng, pool, per = self.world.context, np.random.default_rng(0), [], -(-n // len(files))
             for f in files[:n]:
-                ep = load_episode(f, ["frames", "game"])
+                ep = load_episode(f, ["frames", "rewards", "game"])
                 if str(ep["game"]) != self.world.game:
                     raise KitError(f"{f} is {ep['game']}, the world dreams {self.world.game}")
-                if len(ep["frames"]) >= T:
-                    for s in rng.integers(0, len(ep["frames"]) - T + 1, size=-(-n // len(files))):
-                        pool.append(preprocess(ep["frames"][s:s + T], self.world.space))
+                last = len(ep["frames"]) - T  # the last window's first frame
+                if last < 0:
+                    continue
+                starts, paid = rng.integers(0, last + 1, size=per), self.paying(ep["rewards"], T, within)
+                k = rng.binomial(per, paying) if len(paid) else 0
+                starts[:k] = rng.choice(paid, k) if k else starts[:k]
+                pool += [preprocess(ep["frames"][s:s + T], self.world.space) for s in starts]
         except KitError as e:
             raise ValueError(f"start='data': {e}") from None
         if not pool:
             raise ValueError(f"start='data': no episode in {folder} has {self.world.context} frames")
         return pool
+
+    @staticmethod
+    def paying(rewards, context, within):
+        """The first frames s of the windows (s .. s + context - 1) from which a dream meets one of
+        the recorded `rewards` (N,) within `within` steps: reward j comes at step j - s - context + 2."""
+        s = [np.arange(j - context + 2 - within, j - context + 2) for j in np.nonzero(rewards)[0]]
+        s = np.unique(np.concatenate(s + [np.zeros(0, int)]))
+        return s[(s >= 0) & (s <= len(rewards) + 1 - context)]
 
     def __call__(self, rng):
         if self.pool is not None:
@@ -1547,11 +1667,11 @@ class DreamEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array", "human"], "render_fps": 15}
 
     def __init__(self, world, start="env", data=None, max_episode_steps=1000, temperature=None, device="cpu",
-                 render_mode=None):
+                 render_mode=None, pool=256):
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.world = _dream_world(world, device, temperature)
-        self.starts, self.max_episode_steps = DreamStarts(self.world, start, data), max_episode_steps
+        self.starts, self.max_episode_steps = DreamStarts(self.world, start, data, pool), max_episode_steps
         self.observation_space = _frame_space_box(self.world)
         self.action_space, self.render_mode = gym.spaces.Discrete(self.world.n_actions), render_mode
         self.obs, self.t, self.window = None, 0, None
@@ -1567,7 +1687,7 @@ class DreamEnv(gym.Env):
             if frames.shape != (self.world.context, *self.observation_space.shape):
                 raise ValueError(f"options['frames'] must be {self.world.context} frames of shape "
                                  f"{self.observation_space.shape}, got {frames.shape}")
-            frames = torch.as_tensor(frames[:, None] if frames.ndim == 3 else frames.transpose(0, 3, 1, 2))
+            frames = frames_tensor(frames)
         else:
             frames = self.starts(self.np_random)
         self.world.reset_batch(frames[None], seeds=[int(self.np_random.integers(2 ** 62))])
@@ -1612,12 +1732,12 @@ class DreamVecEnv(gym.vector.VectorEnv):
     metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP, "render_modes": []}
 
     def __init__(self, world, num_envs=8, start="env", data=None, obs="frames", max_episode_steps=1000,
-                 temperature=None, device="cpu"):
+                 temperature=None, device="cpu", pool=256, paying=0.0):
         self.world = _dream_world(world, device, temperature)
         if obs not in ("frames", "tokens") or (obs == "tokens" and not isinstance(self.world, TokenWorld)):
             raise ValueError(f"obs must be 'frames' or, for a token world, 'tokens'; got {obs!r}")
         self.num_envs, self.obs, self.max_episode_steps = int(num_envs), obs, max_episode_steps
-        self.starts = DreamStarts(self.world, start, data)
+        self.starts = DreamStarts(self.world, start, data, pool, paying, within=max_episode_steps)
         if obs == "tokens":
             H, W, C = frame_shape(self.world.space)
             grid = self.world.tok.encode(torch.zeros(1, C, H, W, dtype=torch.uint8, device=self.world.device)).shape[1:]

@@ -58,9 +58,9 @@ p.add_argument("--record", default=None,
 who = p.add_mutually_exclusive_group()
 who.add_argument("--actions", default=None,
                  help="play these action indices instead of the keyboard, repeated: 2,2,3,3,0")
-who.add_argument("--policy", default=None, choices=["random", "sticky", "tracker"],
-                 help="a collect.py policy plays instead of the keyboard (tracker reads the shadow's RAM); "
-                      "None: tracker when headless")
+who.add_argument("--policy", default=None, type=common.policy_flag("random", "sticky", "tracker"),
+                 help="random | sticky | tracker | agent:PATH plays instead of the keyboard (the tracker reads the "
+                      "shadow's RAM; a train_agent.py agent watches the dream); None: tracker when headless")
 mode = p.add_mutually_exclusive_group()
 mode.add_argument("--gif", default=None, help="headless: write a real | dream GIF of --steps frames here, no window")
 mode.add_argument("--benchmark", type=common.positive_int, default=None, metavar="N",
@@ -103,6 +103,7 @@ class Session:
         obs, _ = self.env.reset(seed=self.args.seed + self.restarts)
         self.restarts += 1
         self.paused = self.paused and not getattr(self, "over", False)  # R after a game over plays on
+        getattr(self.policy, "reset", lambda: None)()  # an agent's frame stack starts afresh
         self.score = {"dream": [0, 0], "real": [0, 0]}  # points for the player, for the other side
         self.over = False  # the heads drew a game over: the dream waits for R
         frames = [self.wm.observe(obs)]
@@ -122,6 +123,8 @@ class Session:
         self.err = self.mse = 0.0
 
     def act(self):
+        if isinstance(self.policy, common.AgentPolicy):  # it plays what it sees: the dream
+            return self.policy.act(self.dream)
         if self.policy is not None:
             return self.policy(self.env, self.obs)
         if self.args.latent_actions:

@@ -1,5 +1,6 @@
-"""Shared test helpers: headless SDL, a subprocess runner for the repo's scripts, and one
-small Pong dataset recorded once per session (reused by the tests of the training scripts)."""
+"""Shared test helpers: headless SDL, a subprocess runner for the repo's scripts, one small Pong
+dataset recorded once per session (reused by the tests of the training scripts), and tiny token
+worlds trained on it once (the dream-as-environment and agent tests)."""
 import os
 import subprocess
 import sys
@@ -56,3 +57,31 @@ def pong_data(tmp_path_factory):
     proc = run_script("collect.py", *PONG_DATA_ARGS, "--out", out)
     assert proc.returncode == 0, describe(proc)
     return out
+
+
+# tiny budgets for the token pipeline: seconds each
+TINY_VQ = ("--steps", "6", "--eval-every", "6", "--batch", "8")
+TINY_WORLD = ("--steps", "4", "--eval-every", "4", "--eval-windows", "4", "--gif-steps", "5", "--batch", "4",
+              "--memory", "8")
+
+
+@pytest.fixture(scope="session")
+def token_worlds(pong_data, tmp_path_factory):
+    """Tiny token worlds on a copy of pong_data, trained once per session: one with reward and end
+    heads (the default) and one without, over one VQ-VAE. -> dict of paths (tmp, data, vq, heads, bare)."""
+    tmp = tmp_path_factory.mktemp("worlds")
+    data = tmp / "pong"
+    import shutil
+    shutil.copytree(pong_data, data)
+    paths = dict(tmp=tmp, data=data, vq=tmp / "vq.pt", heads=tmp / "world.pt", bare=tmp / "bare.pt")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        for script, *flags in (("train_vqvae.py", "--out", paths["vq"], *TINY_VQ),
+                               ("train_world.py", "--tokenizer", paths["vq"], "--out", paths["heads"], *TINY_WORLD),
+                               ("train_world.py", "--tokenizer", paths["vq"], "--out", paths["bare"], "--no-heads",
+                                *TINY_WORLD)):
+            r = run_script(script, "--data", data, "--assets", tmp, *flags)
+            assert r.returncode == 0, describe(r)
+            if script == "train_world.py" and "--no-heads" not in flags:
+                assert "reward_precision@1" in r.stdout and "reward_recall@10" in r.stdout
+    return paths

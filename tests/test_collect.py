@@ -345,7 +345,7 @@ def test_bad_input_subprocess_one_error_line(runs):
 # each would spend 2 s importing torch. An exception other than SystemExit escaping common.run is
 # the traceback the script would print.
 BAD_INPUT = [  # (arguments, the expected error line's text; None: argparse's usage error)
-    pytest.param(["--policy", "pong-master"], None, id="unknown-policy"),
+    pytest.param(["--policy", "pong-master"], "is not a policy", id="unknown-policy"),
     pytest.param(["--out", "/proc/nope"], "cannot write to /proc/nope", id="out-in-proc"),
     pytest.param(["--out", "{tmp}/file/sub"], "cannot write to ", id="out-under-file"),
     pytest.param(["--mix", "0.5,0.3"], "--mix wants three non-negative weights", id="mix-two-weights"),
