@@ -20,6 +20,7 @@ Read it top to bottom once; the scripts are thin on purpose.
 """
 import argparse
 import difflib
+import functools
 import glob
 import hashlib
 import math
@@ -427,16 +428,24 @@ class AgentPolicy:
         self.agent, self.tok, self.space = agent.eval(), tok.eval(), space
         self.gen, self.stack = torch.Generator().manual_seed(int(seed)), None
 
-    @classmethod
-    def load(cls, path, game, meanings, rng):
+    @staticmethod
+    @functools.lru_cache(maxsize=4)
+    def _read(path):
+        """A checkpoint's agent and tokenizer, read once per process: collect.py asks for a fresh
+        policy every episode, and they only ever run inference."""
         ck = load_checkpoint(path, ("agent",))
-        if ck["game"] != game or list(ck["action_meanings"]) != list(meanings):
-            raise KitError(f"agent {path} plays {ck['game']} with actions {list(ck['action_meanings'])}; "
-                           f"this is {game} with {list(meanings)}")
         agent, tok = Agent(**ck["model_args"]), VQVAE(**ck["tokenizer_args"])
         agent.load_state_dict(ck["model"])
         tok.load_state_dict(ck["tokenizer"])
-        return cls(agent, tok, ck["frame_space"], int(rng.integers(2 ** 62)))
+        return agent, tok, ck["frame_space"], ck["game"], list(ck["action_meanings"])
+
+    @classmethod
+    def load(cls, path, game, meanings, rng):
+        agent, tok, space, its_game, its_meanings = cls._read(path)
+        if its_game != game or its_meanings != list(meanings):
+            raise KitError(f"agent {path} plays {its_game} with actions {its_meanings}; "
+                           f"this is {game} with {list(meanings)}")
+        return cls(agent, tok, space, int(rng.integers(2 ** 62)))
 
     def reset(self):
         self.stack = None
