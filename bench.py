@@ -53,7 +53,7 @@ p.add_argument("--gif", default=None,
 p.add_argument("--world", default="checkpoints/pong/world.pt", help="world: checkpoint")
 p.add_argument("--data", default="data/pong", help="world: dataset (its validation episodes are used)")
 p.add_argument("--windows", type=common.positive_int, default=64, help="world: open-loop windows of 30 steps")
-p.add_argument("--device", default="cpu", help="world: device for the speed test")
+p.add_argument("--device", default="cpu", help="world, dream, envs: the device the world model runs on (cuda|mps|cpu)")
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="world: also time torch.compile")
 p.add_argument("--threads", type=common.positive_int, default=1,
                help="world: torch threads (play.py's default: a batch-1 step barely splits)")
@@ -155,12 +155,14 @@ def bench_world(args):
     if not args.compile:
         return
     try:
-        wm.compile()
+        wm.compile(mode="reduce-overhead" if wm.device.type == "cuda" else None)  # CUDA graphs: batch 1 is launch-bound
         t = time.perf_counter()
         wm.reset(start)
         wm.step(0)
         compiled = rate()
         print(f"  torch.compile: {compiled:.0f} steps/s (compile took {time.perf_counter() - t:.0f} s)")
+    except common.KitError as e:
+        print(f"  torch.compile unavailable here: {e}")
     except Exception as e:  # no C++ compiler, unsupported platform
         print(f"  torch.compile unavailable here: {type(e).__name__}")
 
@@ -339,15 +341,15 @@ def bench_dream(args):
 
 def bench_envs(args):
     torch.set_num_threads(1)  # one dream at a time: one thread (a batch-1 step barely splits)
-    env = common.DreamEnv(args.world, temperature=args.temperature)
+    env = common.DreamEnv(args.world, temperature=args.temperature, device=args.device)
     env.reset(seed=0)
     t, n = time.perf_counter(), args.speed_steps
     for i in range(n):
         env.step(i % env.action_space.n)
-    print(f"DreamEnv {args.world}: {n / (time.perf_counter() - t):.0f} steps/s (1 thread, temperature "
-          f"{args.temperature:g})")
+    print(f"DreamEnv {args.world} on {args.device}: {n / (time.perf_counter() - t):.0f} steps/s (1 thread, "
+          f"temperature {args.temperature:g})")
     torch.set_num_threads(os.cpu_count())
-    print(f"DreamVecEnv, frames per second over all dreams ({os.cpu_count()} threads):")
+    print(f"DreamVecEnv on {args.device}, frames per second over all dreams ({os.cpu_count()} threads):")
     print("| N | pixels | tokens |\n|---|---|---|")
     for N in args.envs:
         rates = []
@@ -364,6 +366,7 @@ def bench_envs(args):
 
 def main():
     args = p.parse_args()
+    args.device = str(common.pick_device(args.device))  # one line, not a traceback, for a device this machine lacks
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     if args.what in ("collect", "all"):
         bench_collect(args)

@@ -1,13 +1,13 @@
 """common.py -- the one shared module: what two or more scripts use, in pipeline order.
 
-  1. running a script   KitError, run, flags() and its type checks, pick_device, seed_everything,
-                        check_finite, resume
+  1. running a script   KitError, run, flags() and its type checks, pick_device, compiled,
+                        seed_everything, LossWatch, resume
   2. the game           make_env (every script and evaluation plays through it), the keyboard,
                         check_display, the policies (random, sticky, tracker, mix), the trained
                         agent (Agent, AgentPolicy: train_agent.py)
   3. frames             FRAME_SPACES, preprocess, to_image, to_float / to_uint8, stack_frames
   4. files              episodes, the train/validation split, load_dataset, checkpoints, the
-                        token and latent caches, windows
+                        token and latent caches, windows, pack/take (batches gathered on the device)
   5. tokenizers         VQVAE (discrete, seed 003), ConvAE (continuous, seeds 000 and 004)
   6. dynamics           TokenDynamics (conv), TokenAttention, Outcome (reward and end heads),
                         LatentMLP, LatentGRU, LatentActionDynamics, make_dynamics
@@ -123,18 +123,38 @@ def policy_flag(*names):
     return check
 
 def pick_device(name=None):
-    """cuda, then mps, then cpu; `name` (the --device flag) overrides."""
+    """cuda, then mps, then cpu; `name` (the --device flag) overrides. On CUDA, cuDNN picks its
+    fastest algorithm once per conv shape (every shape here is fixed) and float32 matmuls may
+    use TF32 ("high"): both are free speed for models this small."""
     if name:
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise KitError(f"--device {name}: CUDA is not available on this machine")
         if name == "mps" and not torch.backends.mps.is_available():
             raise KitError("--device mps: MPS is not available on this machine")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+        if name not in ("cpu", "mps") and not name.startswith("cuda"):
+            raise KitError(f"--device {name}: not a device this kit runs on (cuda, cuda:N, mps, cpu)")
+        device = torch.device(name)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
+                              else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    return device
+
+
+def compiled(model, device, in_place=False, **kw):
+    """torch.compile(model, **kw) (`in_place`: model.compile(), so that the module stays itself
+    and its state_dict carries no "_orig_mod." keys), or one line saying why not: before torch
+    2.8 Inductor has no MPS backend, and the first compiled call on a Mac dies in a traceback."""
+    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    if torch.device(device).type == "mps" and version < (2, 8):
+        raise KitError(f"--compile on mps needs torch 2.8 or later (this is {torch.__version__}): "
+                       f"upgrade torch or leave --compile off")
+    if in_place:
+        model.compile(**kw)
+        return model
+    return torch.compile(model, **kw)
 
 
 def seed_everything(seed):
@@ -143,11 +163,28 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def check_finite(loss, step, out):
-    """Stop on a NaN/inf loss, saying at which step; the last good checkpoint stays as it is."""
-    if not torch.isfinite(loss):
-        kept = f"last good checkpoint kept at {out}" if os.path.exists(out) else "no checkpoint was written yet"
-        raise KitError(f"loss became {loss.item()} at step {step}; {kept}")
+class LossWatch:
+    """A training loop's view of its loss without a GPU->CPU sync every step: the first step
+    whose loss is not finite is kept on the device, and read (with the loss for the progress
+    bar) only every `every` steps and before each save. A NaN then stops the run within
+    `every` steps, still naming the step it began at, and is never saved over a good checkpoint."""
+
+    def __init__(self, every=20):
+        self.every, self.first_bad = every, None
+
+    def __call__(self, loss, step):
+        """Note this step's loss -> True on the steps whose loss the caller may read (and check())."""
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where(bad, step, -1) if self.first_bad is None else \
+            torch.where((self.first_bad < 0) & bad, step, self.first_bad)
+        return (step + 1) % self.every == 0
+
+    def check(self, out):
+        """Stop with one line if any loss since the start was not finite; the last good
+        checkpoint at `out` stays as it is."""
+        if self.first_bad is not None and int(self.first_bad) >= 0:
+            kept = f"last good checkpoint kept at {out}" if os.path.exists(out) else "no checkpoint was written yet"
+            raise KitError(f"loss became non-finite at step {int(self.first_bad)}; {kept}")
 
 
 def resume(path, kind, model, opt, **same):
@@ -783,6 +820,25 @@ def coded_episodes(folder, codes, key, space=None, val_frac=0.1, seed=0, actions
     return [episode(f, False) for f in train_f], [episode(f, space is not None) for f in val_f]
 
 
+def pack(seqs, device):
+    """Sequences (n_i, ...) -> (all of them concatenated on the device, where each one starts):
+    a batch of windows is then one indexing on the device (take()), not a Python loop over the
+    batch and a host-to-device copy every step."""
+    lengths = torch.tensor([len(x) for x in seqs], dtype=torch.long)
+    return torch.cat(list(seqs)).to(device), (lengths.cumsum(0) - lengths).to(device)
+
+
+def take(packed, ep, start, length, fill=None):
+    """Windows of packed sequences: ep and start (B,) long on the device -> (B, length, ...).
+    Positions before a sequence's start read `fill` (the actions before an episode begins)."""
+    flat, offsets = packed
+    t = start[:, None] + torch.arange(length, device=flat.device)
+    out = flat[offsets[ep][:, None] + t.clamp(min=0)]
+    if fill is None:
+        return out
+    return torch.where((t < 0).view(*t.shape, *[1] * (out.dim() - 2)), fill, out)
+
+
 def windows(lengths, length):
     """(episode index, start) of every run of `length` consecutive entries in sequences of the
     given lengths: the training and evaluation windows of the dynamics scripts."""
@@ -1330,10 +1386,15 @@ class World:
         """Whether the heads drew the end of the episode at the last step (never without them)."""
         return False if self.terminals is None else bool(self.terminals[0])
 
-    def compile(self):
-        """torch.compile the dynamics and the decoder: ~10% faster token-world steps on a 2-core
-        CPU after ~35 s of compiling (bench.py), so play.py leaves it off unless --compile."""
-        self.dyn, self.tok.decoder = torch.compile(self.dyn), torch.compile(self.tok.decoder)
+    def compile(self, mode=None):
+        """torch.compile the dynamics (and a latent-action model's forward model, which
+        step_latent_action calls directly) and the decoder, in place: ~10% faster token-world
+        steps on a 2-core CPU after ~35 s of compiling (bench.py), so play.py leaves it off
+        unless --compile. mode="reduce-overhead" (CUDA graphs) is the one for batch 1 on a GPU,
+        where every step is a few small kernel launches."""
+        for m in [self.dyn, getattr(self.dyn, "dynamics", None), self.tok.decoder]:
+            if m is not None:
+                compiled(m, self.device, in_place=True, mode=mode)
         return self
 
     def observe(self, obs):

@@ -425,8 +425,8 @@ def main():
         common.check_display("use --gif out.gif for a headless dream (or --benchmark N)")
     torch.set_num_threads(args.threads)
     wm = common.load_world(args.world, device=common.pick_device(args.device), temperature=args.temperature)
-    if args.compile:
-        wm.compile()
+    if args.compile:  # on CUDA, CUDA graphs: one step at a time is a few small kernel launches
+        wm.compile(mode="reduce-overhead" if wm.device.type == "cuda" else None)
     if args.latent_actions:
         if not hasattr(wm, "step_latent_action"):
             raise common.KitError(f"--latent-actions needs a latent-action model from train_latent_action.py; "

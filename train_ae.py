@@ -159,13 +159,16 @@ def train_autoencoder(args, out, name, device):
     step, metrics = 0, {}
     if args.resume and os.path.exists(out):
         _, step, metrics = common.resume(out, "ae", model, opt, model_args=model_args, frame_space=args.frame_space)
-    fwd = torch.compile(model) if args.compile else model
+    fwd = common.compiled(model, device) if args.compile else model
     os.makedirs(args.assets, exist_ok=True)
     png = os.path.join(args.assets, f"{name}_{'vae' if args.vae else 'ae'}_recon.png")
     print(f"model: {'vae' if args.vae else 'ae'}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           f"parameters on {device}")
 
+    watch = common.LossWatch()
+
     def save():
+        watch.check(out)  # a NaN is never saved over the last good checkpoint
         common.save_checkpoint(out, dict(
             kind="ae", model_args=model_args, model=model.state_dict(), optimizer=opt.state_dict(),
             frame_space=args.frame_space, game=meta["game"], action_meanings=meta["action_meanings"],
@@ -186,14 +189,16 @@ def train_autoencoder(args, out, name, device):
             # beta weighs the KL against the error summed over pixels, as in the ELBO; against the mean
             # it is 16384x stronger at 4x64x64, and the VAE collapsed to the mean frame (KL 0)
             loss = recon + args.beta * kl / x[0].numel()
-            common.check_finite(loss, step, out)
+            read = watch(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{recon.item():.4f}")
+            if read:  # the loss leaves the device every few steps, not every step
+                watch.check(out)
+                bar.set_postfix(loss=f"{recon.item():.4f}")
             if step % args.eval_every == 0 or step == args.steps:
                 psnr, mse, ball = evaluate_ae(model, V, device, args.frame_space, meta["game"] == "ALE/Pong-v5")
                 metrics = dict(recon=recon.item(), kl=kl.item(), val_psnr=psnr, val_mse=mse, ball_8px=ball)
@@ -305,7 +310,10 @@ def train_dynamics(args, ae_path, out, name, device):
     decode = lambda z: ae.decode(z, last=True)
     print(f"model: {args.dynamics}, {sum(p.numel() for p in dyn.parameters()) / 1e6:.2f}M parameters on {device}")
 
+    watch = common.LossWatch()
+
     def save():
+        watch.check(out)  # a NaN is never saved over the last good checkpoint
         common.save_checkpoint(out, dict(
             kind="world", model_args=model_args, model=dyn.state_dict(), optimizer=opt.state_dict(),
             tokenizer_kind="ae", tokenizer_args=ack["model_args"], tokenizer=ae.state_dict(), tokenizer_path=ae_path,
@@ -327,14 +335,16 @@ def train_dynamics(args, ae_path, out, name, device):
             idx = [pool[i] for i in g.integers(len(pool), size=args.dynamics_batch)]
             hist, act, tgt = latent_batch(train, idx, T, K, S, device)
             loss = latent_loss(dyn, decode, hist, act, tgt, tf, disc, args.pixel_loss)
-            common.check_finite(loss, step, out)
+            read = watch(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(dyn.parameters(), 1.0)
             opt.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", tf=f"{tf:.2f}")
+            if read:  # the loss leaves the device every few steps, not every step
+                watch.check(out)
+                bar.set_postfix(loss=f"{loss.item():.4f}", tf=f"{tf:.2f}")
             if step % args.dynamics_eval_every == 0 or step == args.dynamics_steps:
                 metrics = evaluate_dynamics(wm, val, fixed, T, S)
                 tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))

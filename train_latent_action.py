@@ -110,24 +110,31 @@ class ActionEncoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# data: token windows (common.windows), as in train_world.py
+# data: token windows (common.windows), gathered on the device as in train_world.py
 
-def gather(eps, idx, length, device, actions=False):
-    """tokens (B, length, h, w) of windows idx, and the action taken at the last history frame."""
-    tok = torch.stack([eps[i]["tokens"][s:s + length] for i, s in idx]).to(device)
+def pack(eps, device):
+    """Episodes' tokens (and actions, where loaded) on the device once, with their windows of
+    `length` frames as an (n, 2) long tensor (episode, start): batches are gathered there."""
+    data = {k: common.pack([ep[k] for ep in eps], device) for k in ("tokens", "actions") if k in eps[0]}
+    data["windows"] = lambda length: torch.tensor(common.windows([len(ep["tokens"]) for ep in eps], length),
+                                                  dtype=torch.long, device=device).view(-1, 2)
+    return data
+
+
+def gather(data, idx, length, actions=False):
+    """tokens (B, length, h, w) of the windows idx ((B, 2): episode, start), and the action taken
+    at the last history frame."""
+    tok = common.take(data["tokens"], idx[:, 0], idx[:, 1], length)
     if not actions:
         return tok
-    return tok, torch.stack([eps[i]["actions"][s + length - 2] for i, s in idx]).to(device)
+    return tok, common.take(data["actions"], idx[:, 0], idx[:, 1] + length - 2, 1)[:, 0]
 
 
 @torch.no_grad()
-def label(enc, eps, pool, T, device, bs=512):
+def label(enc, data, pool, T, bs=512):
     """The encoder's latent action for every window (T frames + the next) of pool."""
-    out = []
-    for j in range(0, len(pool), bs):
-        tok = gather(eps, pool[j:j + bs], T + 1, device)
-        out.append(enc(tok[:, :T], tok[:, T])[1].cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    out = [enc(tok[:, :T], tok[:, T])[1] for tok in (gather(data, rows, T + 1) for rows in pool.split(bs))]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=pool.device)
 
 
 @torch.no_grad()
@@ -138,7 +145,7 @@ def scores(lam, enc, val, fixed, T, device, mapped):
     trained). posterior - shuffled is what the latent actions carry; posterior - mapped is
     what they carry that the real action does not (the leak)."""
     lam.eval(), enc.eval()
-    tok, act = gather(val, fixed, T + 1, device, actions=True)
+    tok, act = gather(val, fixed, T + 1, actions=True)
     hist, nxt = tok[:, :T], tok[:, T]
     post = enc(hist, nxt)[1]
     changed = nxt != hist[:, -1]
@@ -176,10 +183,9 @@ def names(table, meanings):
 def picture(lam, tok, val, T, device, labels, path, tries=256):
     """Row 1: the start frame, then the next frame under each latent action; row 2: what
     changed (x3). The start is the validation window where their predictions differ the most."""
-    pool = common.windows([len(ep["tokens"]) for ep in val], T)
+    pool = val["windows"](T)
     g = np.random.default_rng(0)
-    pick = [pool[i] for i in g.choice(len(pool), min(tries, len(pool)), replace=False)]
-    hist = gather(val, pick, T, device)
+    hist = gather(val, pool[torch.from_numpy(g.choice(len(pool), min(tries, len(pool)), replace=False)).to(device)], T)
     nxt = torch.stack([lam.dynamics(hist, torch.full((len(hist),), c, device=device)).argmax(1)
                        for c in range(lam.n_latent_actions)], 1)  # (B, n, h, w)
     spread = (nxt[:, :, None] != nxt[:, None]).flatten(1).sum(1)
@@ -244,12 +250,10 @@ def fit_map(lam, enc, map_train, val, T, steps, g, device):
     sees the action alone (each action -> its most frequent latent action), steps taken)"""
     enc.eval()
     n_actions, n = lam.n_actions, lam.n_latent_actions
-    mpool = common.windows([len(ep["tokens"]) for ep in map_train], T + 1)
-    vpool = common.windows([len(ep["tokens"]) for ep in val], T + 1)
-    y, yv = label(enc, map_train, mpool, T, device), label(enc, val, vpool, T, device)
-    act = torch.tensor([int(map_train[i]["actions"][s + T - 1]) for i, s in mpool], dtype=torch.long)
-    actv = torch.tensor([int(val[i]["actions"][s + T - 1]) for i, s in vpool], dtype=torch.long)
-    counts, table = torch.zeros(2, n_actions, n, dtype=torch.long)
+    mpool, vpool = map_train["windows"](T + 1), val["windows"](T + 1)
+    y, yv = label(enc, map_train, mpool, T), label(enc, val, vpool, T)
+    act, actv = gather(map_train, mpool, T + 1, actions=True)[1], gather(val, vpool, T + 1, actions=True)[1]
+    counts, table = torch.zeros(2, n_actions, n, dtype=torch.long, device=device)
     counts.index_put_((act, y), torch.ones_like(y), accumulate=True)
     table.index_put_((actv, yv), torch.ones_like(yv), accumulate=True)
     table_acc = (counts.argmax(1)[actv] == yv).float().mean().item()
@@ -257,9 +261,8 @@ def fit_map(lam, enc, map_train, val, T, steps, g, device):
     if steps > 0:
         mopt = torch.optim.AdamW(lam.map.parameters(), lr=3e-3, weight_decay=0.01)
         for map_step in tqdm(range(1, steps + 1), desc="map", unit="step", leave=False):
-            j = g.integers(len(mpool), size=256)
-            hist = gather(map_train, [mpool[i] for i in j], T, device)
-            loss = F.cross_entropy(lam.map(hist, act[j].to(device)), y[j].to(device))
+            j = torch.from_numpy(g.integers(len(mpool), size=256)).to(device)
+            loss = F.cross_entropy(lam.map(gather(map_train, mpool[j], T), act[j]), y[j])
             mopt.zero_grad(set_to_none=True)
             loss.backward()
             mopt.step()
@@ -336,6 +339,8 @@ def main():
     grid = tuple(train[0]["tokens"].shape[1:])
     print(f"data: {sum(len(e['tokens']) - 1 for e in train)} transitions of {args.data} (frames only), "
           f"{len(map_train)} labelled episodes for the map, {len(val)} validation episodes; token grid {grid}")
+    train, map_train, val = (pack(eps, device) for eps in (train, map_train, val))  # on the device once
+    pool, fixed = train["windows"](T + K), torch.tensor(fixed, dtype=torch.long, device=device)
 
     # -------------------------------------------------------------------------
     # model
@@ -362,7 +367,10 @@ def main():
     print(f"model: {n} latent actions; encoder {n_enc / 1e6:.2f}M, forward model {n_dyn / 1e6:.2f}M parameters "
           f"on {device}")
 
+    watch = common.LossWatch()
+
     def save():
+        watch.check(out)  # a NaN is never saved over the last good checkpoint
         common.save_checkpoint(out, dict(
             kind="world", model_args=model_args, model=lam.state_dict(), optimizer=opt.state_dict(),
             encoder_args=enc_args, encoder=enc.state_dict(), tokenizer_args=tck["model_args"],
@@ -384,16 +392,18 @@ def main():
             for group in opt.param_groups:
                 group["lr"] = lr
             tf = max(args.teacher_forcing, 1 - frac / 0.3)  # from 1 to its floor over the first 30%
-            tok_w = gather(train, [pool[i] for i in g.integers(len(pool), size=args.batch)], T + K, device)
+            tok_w = gather(train, pool[torch.from_numpy(g.integers(len(pool), size=args.batch)).to(device)], T + K)
             loss = stage_one_loss(lam, enc, tok_w, T, K, tf, disc, args)
-            common.check_finite(loss, step, out)
+            read = watch(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", tf=f"{tf:.2f}")
+            if read:  # the loss leaves the device every few steps, not every step
+                watch.check(out)
+                bar.set_postfix(loss=f"{loss.item():.4f}", tf=f"{tf:.2f}")
             if step % args.eval_every == 0 or step == args.steps:
                 metrics = scores(lam, enc, val, fixed, T, device, mapped=False)
                 tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))

@@ -125,12 +125,15 @@ def main():
     step, metrics = 0, {}
     if args.resume:
         _, step, metrics = common.resume(out, "vqvae", model, opt, model_args=model_args, frame_space=args.frame_space)
-    fwd = torch.compile(model) if args.compile else model
+    fwd = common.compiled(model, device) if args.compile else model
     os.makedirs(args.assets, exist_ok=True)
     png = os.path.join(args.assets, f"{name}_vqvae_recon.png")
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
 
+    watch = common.LossWatch()
+
     def save():
+        watch.check(out)  # a NaN is never saved over the last good checkpoint
         common.save_checkpoint(out, dict(
             kind="vqvae", model_args=model_args, model=model.state_dict(), optimizer=opt.state_dict(),
             frame_space=args.frame_space, game=meta["game"], action_meanings=meta["action_meanings"],
@@ -151,14 +154,16 @@ def main():
             rec, idx, commit, z = fwd(x)
             recon = (w * (rec - common.to_float(x)) ** 2).sum() / (w.sum() * x.shape[1])
             loss = recon + args.beta * commit
-            common.check_finite(loss, step, out)
+            read = watch(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{recon.item():.4f}")
+            if read:  # the loss leaves the device every few steps, not every step
+                watch.check(out)
+                bar.set_postfix(loss=f"{recon.item():.4f}")
             if step % args.reset_every == 0 and step < 0.8 * args.steps:
                 model.quantizer.reset_dead(z.detach(), F.max_pool2d(w - 1, 2 ** args.down)[:, 0])
             if step % args.eval_every == 0 or step == args.steps:

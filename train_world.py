@@ -85,15 +85,21 @@ p.add_argument("--assets", default="assets", help="where the dream GIF goes")
 # -----------------------------------------------------------------------------
 # data: windows of tokens, and the actions between them
 
-def batch(eps, idx, T, K, device, past=0, unknown=0):
+def pack(eps, device):
+    """Every episode's tokens, actions, rewards, ends and memory on the device once (common.pack):
+    a batch is then gathered there, without a copy from the host each step."""
+    keys = [k for k in ("tokens", "actions", "rewards", "terminated", "ages") if k in eps[0]]
+    return {k: common.pack([ep[k] for ep in eps], device) for k in keys}
+
+
+def batch(data, idx, T, K, past=0, unknown=0):
     """history (B, T, h, w), actions (B, past + K): the `past` before the first step (`unknown`
-    before the episode starts) and the K of the steps, targets (B, K, h, w) of the windows idx,
-    and the memory at the last history frame (B, h, w), or None without one."""
-    tok = torch.stack([eps[i]["tokens"][s:s + T + K] for i, s in idx]).to(device)
-    pad = lambda a, n: torch.cat([torch.full((n,), unknown, dtype=a.dtype), a]) if n > 0 else a
-    act = torch.stack([pad(eps[i]["actions"][max(s + T - 1 - past, 0):s + T - 1 + K], past - s - T + 1)
-                       for i, s in idx]).to(device)
-    age = torch.stack([eps[i]["ages"][s + T - 1] for i, s in idx]).to(device).long() if "ages" in eps[0] else None
+    before the episode starts) and the K of the steps, targets (B, K, h, w) of the windows idx
+    ((B, 2) long: episode, start), and the memory at the last history frame (B, h, w), or None."""
+    ep, s = idx[:, 0], idx[:, 1]
+    tok = common.take(data["tokens"], ep, s, T + K)
+    act = common.take(data["actions"], ep, s + T - 1 - past, past + K, fill=unknown)
+    age = common.take(data["ages"], ep, s + T - 1, 1)[:, 0].long() if "ages" in data else None
     return tok[:, :T], act, tok[:, T:], age
 
 
@@ -107,7 +113,7 @@ def importance(hist, target, emb, a):
     persistence = torch.stack([d(hist[:, t], hist[:, t - 1]) for t in range(1, hist.shape[1])]).mean(0)
     event = (motion - persistence).clamp_min(0)
     w = 1 + a.motion_scale * motion + a.eventness_scale * event + a.persistence_scale * persistence
-    return w.clamp(max=a.max_ratio * w.median().item())
+    return w.clamp(max=a.max_ratio * w.median())  # a tensor bound: no sync with the device
 
 
 def token_loss(dyn, hist, act, tgt, age, tf, emb, disc, args):
@@ -131,20 +137,20 @@ def token_loss(dyn, hist, act, tgt, age, tf, emb, disc, args):
     return loss
 
 
-def outcome_loss(heads, eps, transitions, events, g, device, args):
+def outcome_loss(heads, data, transitions, events, g, args):
     """The heads' loss on a batch of 2 x --batch transitions, --event-share of them drawn from
-    `events` (those near a reward or an end): cross-entropy of the reward's sign, and of the end."""
+    `events` (those near a reward or an end): cross-entropy of the reward's sign, and of the end.
+    transitions and events: (n, 2) long on the device, (episode, step)."""
     n = 2 * args.batch
-    k = round(n * args.event_share) if events else 0
-    idx = [transitions[i] for i in g.integers(len(transitions), size=n - k)] + [events[i] for i in
-                                                                                 g.integers(len(events), size=k)]
-    frames = heads.frames
-    tokens = torch.stack([eps[i]["tokens"][j + 2 - frames:j + 2] for i, j in idx])
-    sign = torch.stack([eps[i]["rewards"][j].sign().long() + 1 for i, j in idx])
-    end = torch.stack([eps[i]["terminated"][j].float() for i, j in idx])
-    logits = heads(tokens.to(device))
-    return F.cross_entropy(logits[:, :-1], sign.to(logits.device)) + F.binary_cross_entropy_with_logits(
-        logits[:, -1], end.to(logits.device))
+    k = round(n * args.event_share) if len(events) else 0
+    pick = lambda rows, m: rows[torch.from_numpy(g.integers(len(rows), size=m)).to(rows.device)]
+    idx = torch.cat([pick(transitions, n - k), pick(events, k)])
+    ep, j = idx[:, 0], idx[:, 1]
+    tokens = common.take(data["tokens"], ep, j + 2 - heads.frames, heads.frames)
+    sign = common.take(data["rewards"], ep, j, 1)[:, 0].sign().long() + 1
+    end = common.take(data["terminated"], ep, j, 1)[:, 0].float()
+    logits = heads(tokens)
+    return F.cross_entropy(logits[:, :-1], sign) + F.binary_cross_entropy_with_logits(logits[:, -1], end)
 
 
 # -----------------------------------------------------------------------------
@@ -157,7 +163,8 @@ def evaluate(wm, val, fixed):
     does, averaged over action pairs); then common.open_loop through the world: decoded PSNR
     next to copy-last-frame, and the Pong objects."""
     dyn, T, H, n = wm.dyn.eval(), wm.context, max(common.HORIZONS), getattr(wm.dyn, "actions", 1)
-    hist, act, tgt, age = batch(val, fixed, T, H, wm.device, n - 1, dyn.n_actions)
+    hist, act, tgt, age = batch(pack(val, wm.device), torch.tensor(fixed, device=wm.device), T, H, n - 1,
+                                dyn.n_actions)
     pred = dyn(hist, act[:, :n], age).argmax(1)
     changed = tgt[:, 0] != hist[:, -1]
     m = {"acc": (pred == tgt[:, 0]).float().mean().item(),
@@ -222,6 +229,9 @@ def main():
     events = [(i, j) for i, j in transitions if any((i, j + d) in paid for d in range(-2, 3))]
     print(f"data: {sum(len(e['actions']) for e in train)} train transitions ({len(train)} episodes, {len(paid)} "
           f"with a reward or an end), {len(val)} val episodes, {len(fixed)} frozen eval windows; token grid {grid}")
+    data = pack(train, device)  # on the device once: batches are gathered there
+    pool, transitions, events = (torch.tensor(rows, dtype=torch.long, device=device).view(-1, 2)
+                                 for rows in (pool, transitions, events))
 
     # -------------------------------------------------------------------------
     # model
@@ -248,13 +258,16 @@ def main():
                                           heads_args=heads_args)
         if heads:
             heads.load_state_dict(ck["heads"])
-    fwd = torch.compile(dyn) if args.compile else dyn
+    fwd = common.compiled(dyn, device) if args.compile else dyn
     wm = common.TokenWorld(tok, dyn, space, tck["game"], meanings, device)
     wm.heads = heads
     emb = tok.quantizer.embed / tok.quantizer.embed.norm(dim=1).max()
     print(f"model: {args.arch}, {sum(p.numel() for p in dyn.parameters()) / 1e6:.2f}M parameters on {device}")
 
+    watch = common.LossWatch()
+
     def save():
+        watch.check(out)  # a NaN is never saved over the last good checkpoint
         common.save_checkpoint(out, dict(
             kind="world", model_args=model_args, model=dyn.state_dict(), optimizer=opt.state_dict(),
             tokenizer_args=tck["model_args"], tokenizer=tok.state_dict(), tokenizer_path=tok_path,
@@ -276,8 +289,8 @@ def main():
             for group in opt.param_groups:
                 group["lr"] = lr
             tf = max(args.teacher_forcing, 1 - frac / 0.3)  # from 1 to its floor over the first 30%
-            idx = [pool[i] for i in g.integers(len(pool), size=args.batch)]
-            hist, act, tgt, age = batch(train, idx, T, K, device, args.actions - 1, len(meanings))
+            idx = pool[torch.from_numpy(g.integers(len(pool), size=args.batch)).to(device)]
+            hist, act, tgt, age = batch(data, idx, T, K, args.actions - 1, len(meanings))
             # some windows remember only themselves, as a dream started from real frames does
             fresh = torch.rand(len(hist), 1, 1, device=device) < args.fresh_starts
             if args.memory:
@@ -285,15 +298,17 @@ def main():
             act[:, :args.actions - 1] = torch.where(fresh[:, :, 0], len(meanings), act[:, :args.actions - 1])
             loss = token_loss(fwd, hist, act, tgt, age, tf, emb, disc, args)
             if heads:
-                loss = loss + outcome_loss(heads, train, transitions, events, g_heads, device, args)
-            common.check_finite(loss, step, out)
+                loss = loss + outcome_loss(heads, data, transitions, events, g_heads, args)
+            read = watch(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(dyn.parameters(), 1.0)
             opt.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", tf=f"{tf:.2f}")
+            if read:  # the loss leaves the device every few steps, not every step
+                watch.check(out)
+                bar.set_postfix(loss=f"{loss.item():.4f}", tf=f"{tf:.2f}")
             if step % args.eval_every == 0 or step == args.steps:
                 metrics = evaluate(wm, val, fixed)
                 tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))

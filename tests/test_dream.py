@@ -117,10 +117,10 @@ def train_serve(memory, steps=200, T=4, K=2):
     args = train_world.p.parse_args(["--memory", str(memory)])
     dyn = common.TokenDynamics(4, 1, (4, 4), T, emb=8, dim=32, n_blocks=2, memory=memory)
     opt = torch.optim.AdamW(dyn.parameters(), lr=3e-3)
-    pool = common.windows([len(ep["tokens"]) for ep in eps], T + K)
-    emb, disc = torch.eye(4), torch.tensor([0.6, 0.4])
+    pool = torch.tensor(common.windows([len(ep["tokens"]) for ep in eps], T + K))
+    data, emb, disc = train_world.pack(eps, "cpu"), torch.eye(4), torch.tensor([0.6, 0.4])
     for _ in range(steps):
-        hist, act, tgt, age = train_world.batch(eps, [pool[i] for i in rng.integers(len(pool), size=32)], T, K, "cpu")
+        hist, act, tgt, age = train_world.batch(data, pool[rng.integers(len(pool), size=32)], T, K)
         loss = train_world.token_loss(dyn, hist, act, tgt, age if memory else None, 1.0, emb, disc, args)
         opt.zero_grad()
         loss.backward()

@@ -65,10 +65,10 @@ def test_heads_learn_a_reward_rule():
     heads = common.Outcome(2, (3, 4))
     opt = torch.optim.AdamW(heads.parameters(), lr=3e-3)
     transitions = [(i, j) for i, ep in enumerate(eps) for j in range(1, len(ep["rewards"]))]
-    events = [(i, j) for i, j in transitions if eps[i]["rewards"][j]]
-    args = train_world.p.parse_args(["--batch", "16"])
+    events = torch.tensor([(i, j) for i, j in transitions if eps[i]["rewards"][j]])
+    args, data = train_world.p.parse_args(["--batch", "16"]), train_world.pack(eps, "cpu")
     for _ in range(300):
-        loss = train_world.outcome_loss(heads, eps, transitions, events, rng, "cpu", args)
+        loss = train_world.outcome_loss(heads, data, torch.tensor(transitions), events, rng, args)
         opt.zero_grad()
         loss.backward()
         opt.step()
