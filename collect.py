@@ -10,6 +10,7 @@ Examples:
   python collect.py --policy human --steps 3000            # you play, at 15 FPS, arrows + space
   python collect.py --policy agent:checkpoints/pong/agent.pt --out data/pong2   # the agent train_agent.py made
   python collect.py --agent checkpoints/pong/agent.pt      # mix, the agent in place of the tracker
+  python collect.py --envs 2 --steps 100000                # one emulator per core: the same episodes, faster
 
 Ctrl-C keeps every finished episode and saves the one in progress (marked truncated).
 Running again into the same folder adds episodes; it never overwrites.
@@ -45,6 +46,8 @@ p.add_argument("--max-episode-steps", type=common.positive_int, default=1000,
                help="truncate longer episodes; short episodes give more varied starts and a real validation split")
 p.add_argument("--sticky", type=common.probability, default=0.0,
                help="sticky-action probability (0.25 in Machado et al. 2018)")
+p.add_argument("--envs", type=common.positive_int, default=1,
+               help="emulators, each in its own process (one per core): the same episodes as one, sooner")
 p.add_argument("--fps", type=common.positive_int, default=15, help="human policy: frames per second")
 p.add_argument("--scale", type=common.positive_int, default=3, help="human policy: window scale")
 
@@ -87,6 +90,94 @@ class HumanPolicy:
 
 
 # -----------------------------------------------------------------------------
+# --envs N: N emulators in N processes. Episode i is recorded from its own seeds whichever
+# process plays it, and episodes are kept in index order up to the budget, so the files are
+# those that one emulator writes (its episodes after the first are unseeded resets, which
+# without sticky actions start exactly where a seeded reset does).
+
+def episode_seeds(seed, idx):
+    """(emulator seed, policy rng) of episode idx: same --seed -> same files, and episodes
+    appended to a folder later get fresh seeds."""
+    env_seed, pol_seed = np.random.SeedSequence([seed, idx]).generate_state(2)
+    return int(env_seed), np.random.default_rng(pol_seed)
+
+
+_worker_env, _frames = None, None  # each worker process's emulator and frame buffer, made on its first episode
+
+
+def quiet_worker():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it keeps what is done
+    torch.set_num_threads(1)
+
+
+def record_episode(args, mix, idx, cap, path, meta):
+    """In a worker: play episode idx for at most `cap` steps and write it to path (compressing
+    here, on this core) -> (steps, return, terminated)."""
+    global _worker_env, _frames
+    fresh = _worker_env is None
+    if fresh:
+        _worker_env, _frames = common.make_env(args.game, sticky=args.sticky), np.zeros((cap + 1, 210, 160, 3), np.uint8)
+    env_seed, rng = episode_seeds(args.seed, idx)
+    policy = common.make_policy(args.policy, _worker_env, rng, mix, warn=False, agent=args.agent)
+    # as in the one-emulator loop: a seeded reset reloads the ROM (~90 ms), needed first and with sticky actions
+    obs, _ = _worker_env.reset(seed=env_seed) if fresh or args.sticky > 0 else _worker_env.reset()
+    actions, rewards, terminated, truncated = [], [], False, False
+    _frames[0] = obs
+    while not (terminated or truncated) and len(actions) < cap:
+        a = policy(_worker_env, obs)
+        obs, r, terminated, truncated, _ = _worker_env.step(a)
+        actions.append(a), rewards.append(r)
+        _frames[len(actions)] = obs
+    n = len(actions)
+    term, trunc = np.zeros(n, bool), np.zeros(n, bool)
+    term[-1], trunc[-1] = terminated, not terminated
+    common.save_episode(path, _frames[:n + 1], np.array(actions, np.int64), np.array(rewards, np.float32), term,
+                        trunc, episode=idx, **meta)
+    return n, float(np.sum(rewards)), terminated
+
+
+def cut(path, n):
+    """Rewrite an episode as its first n steps, truncated: where one emulator stops at the budget."""
+    ep = common.load_episode(path)
+    term, trunc = np.zeros(n, bool), np.zeros(n, bool)
+    trunc[-1] = True
+    arrays = {k: ep.pop(k) for k in ("frames", "actions", "rewards", "terminated", "truncated")}
+    common.save_episode(path, arrays["frames"][:n + 1], arrays["actions"][:n], arrays["rewards"][:n], term, trunc,
+                        **ep)
+    return float(np.sum(arrays["rewards"][:n]))
+
+
+def record_in_parallel(args, mix, out, first, meta, keep):
+    """Episodes first, first + 1, ... on args.envs processes, N in flight, kept in index order
+    (keep(path, steps, return)) up to the budget, the last one cut where one emulator would have
+    stopped; episodes still in flight then (past the budget, or at a Ctrl-C) are removed."""
+    import multiprocessing
+    cap, done, idx, nxt, flight = min(args.max_episode_steps, args.steps), 0, first, first, {}
+    path = lambda i: os.path.join(out, f"ep_{i:06d}.npz")
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.envs, mp_context=ctx, initializer=quiet_worker) as pool:
+        try:
+            while done < args.steps:
+                while len(flight) < args.envs:
+                    flight[nxt], nxt = pool.submit(record_episode, args, mix, nxt, cap, path(nxt), meta), nxt + 1
+                n, ret, _ = flight[idx].result()
+                del flight[idx]
+                if n > args.steps - done:
+                    n, ret = args.steps - done, cut(path(idx), args.steps - done)
+                keep(path(idx), n, ret)
+                done, idx = done + n, idx + 1
+        finally:
+            for f in flight.values():
+                f.cancel()
+            pool.shutdown(wait=True)
+            for i in flight:
+                if os.path.exists(path(i)):
+                    os.remove(path(i))
+            if done < args.steps and flight:
+                print(f"stopped: the {len(flight)} episodes in progress were not kept", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
 # the recording loop
 
 def main():
@@ -112,6 +203,8 @@ def main():
         raise common.KitError(f"cannot write to {out}: {e.strerror}") from None
     existing = [int(m.group(1)) for f in os.listdir(out) if (m := re.fullmatch(r"ep_(\d+)\.npz", f))]
     first = max(existing, default=-1) + 1
+    if args.policy == "human" and args.envs > 1:
+        raise common.KitError("--policy human plays one emulator: leave --envs at 1")
     human = HumanPolicy(env.action_meanings, args.fps, args.scale) if args.policy == "human" else None
 
     # Two reused frame buffers: the writer thread compresses one episode (zlib releases the
@@ -138,6 +231,13 @@ def main():
         if wait:
             job.result()
 
+    def kept(path, n, ret):  # --envs N: an episode another process recorded and wrote
+        nonlocal done_steps
+        done_steps += n
+        written.append(path), returns.append(ret)
+        bar.update(n)
+        bar.set_postfix(episodes=len(written), ret=f"{np.mean(returns):.1f}")
+
     interrupted = False
     bar = tqdm(total=args.steps, unit="step", desc=f"collect {env.game[4:-3]} ({args.policy})", smoothing=0.05)
     t0, ep = time.time(), 0
@@ -145,18 +245,18 @@ def main():
     actions = np.zeros(cap, np.int64)
     rewards = np.zeros(cap, np.float32)
     try:
-        while done_steps < args.steps:
+        if args.envs > 1:  # N emulators elsewhere; the policy is made here once for its errors and warnings
+            common.make_policy(args.policy, env, np.random.default_rng(0), mix, agent=args.agent)
+            record_in_parallel(args, mix, out, first, meta, kept)
+        while done_steps < args.steps:  # one emulator here, the writer thread on the other core
             idx, k, n = first + ep, ep % 2, 0
             if pending[k] is not None:
                 pending[k].result()  # that buffer's episode is on disk; reuse it
-            # one seed per (run seed, episode index): same --seed -> same files, and episodes
-            # appended to a folder later get fresh seeds
-            env_seed, pol_seed = np.random.SeedSequence([args.seed, idx]).generate_state(2)
-            rng = np.random.default_rng(pol_seed)
+            env_seed, rng = episode_seeds(args.seed, idx)
             policy = human or common.make_policy(args.policy, env, rng, mix, warn=ep == 0, agent=args.agent)
             # a seeded reset reloads the ROM (~90 ms); without sticky actions the emulator is
             # deterministic given the actions, so only the first episode needs it
-            obs, _ = env.reset(seed=int(env_seed)) if ep == 0 or args.sticky > 0 else env.reset()
+            obs, _ = env.reset(seed=env_seed) if ep == 0 or args.sticky > 0 else env.reset()
             buf, n, terminated, truncated = buffers[k], 0, False, False
             buf[0] = obs
             limit = min(cap, args.steps - done_steps)

@@ -207,6 +207,26 @@ def test_same_seed_byte_identical_every_array(runs, pong_data):
 # -----------------------------------------------------------------------------
 # 4. appending
 
+def test_envs_2_writes_the_episodes_one_emulator_writes(pong_data, tmp_path):
+    """--envs 2: the same files as one emulator, array for array, also where the budget cuts an
+    episode short (the third, at 50 of its 100 steps); nothing recorded past the budget is left."""
+    for steps, out in (("300", tmp_path / "all"), ("250", tmp_path / "cut")):
+        args = list(PONG_DATA_ARGS)
+        args[args.index("--steps") + 1] = steps
+        proc = run_script("collect.py", *args, "--envs", "2", "--out", out)
+        assert proc.returncode == 0, describe(proc)
+        assert final_line(proc) == (3, int(steps))
+        assert [f.name for f in episodes(out)] == [f.name for f in episodes(pong_data)]
+        assert not [p.name for p in out.iterdir() if not p.name.startswith("ep_")]
+    for f in episodes(pong_data):
+        want, got = load(f), load(tmp_path / "all" / f.name)
+        assert all(want[k].tobytes() == got[k].tobytes() for k in want), f.name
+    want, got = load(episodes(pong_data)[2]), load(tmp_path / "cut" / "ep_000002.npz")
+    assert len(got["actions"]) == 50 and got["truncated"][-1] and not got["terminated"].any()
+    for k in ("frames", "actions", "rewards"):
+        assert np.array_equal(got[k], want[k][:len(got[k])]), k
+
+
 def test_second_run_appends_and_never_overwrites(runs, pong_data):
     # `runs` copied the 3 session episodes into the folder, dated them 2001, then ran the same
     # --seed again: only the episode index keeps the new episodes' seeds apart
@@ -354,6 +374,8 @@ BAD_INPUT = [  # (arguments, the expected error line's text; None: argparse's us
     pytest.param(["--steps", "0"], "must be positive", id="zero-steps"),
     pytest.param(["--mix", "inf,1,1"], "--mix wants three non-negative weights", id="mix-inf"),
     pytest.param(["--mix", "1,nan,1"], "--mix wants three non-negative weights", id="mix-nan"),
+    pytest.param(["--policy", "human", "--envs", "2"], "--policy human plays one emulator", id="human-envs"),
+    pytest.param(["--envs", "0"], "must be positive", id="zero-envs"),
 ]
 
 
