@@ -116,7 +116,8 @@ def record_episode(args, mix, idx, cap, path, meta):
     global _worker_env, _frames
     fresh = _worker_env is None
     if fresh:
-        _worker_env, _frames = common.make_env(args.game, sticky=args.sticky), np.zeros((cap + 1, 210, 160, 3), np.uint8)
+        _worker_env = common.make_env(args.game, sticky=args.sticky)
+        _frames = np.zeros((cap + 1, 210, 160, 3), np.uint8)
     env_seed, rng = episode_seeds(args.seed, idx)
     policy = common.make_policy(args.policy, _worker_env, rng, mix, warn=False, agent=args.agent)
     # as in the one-emulator loop: a seeded reset reloads the ROM (~90 ms), needed first and with sticky actions

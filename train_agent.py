@@ -131,7 +131,8 @@ def curve_png(rows, path, game):
         pygame.draw.line(img, (200, 40, 40), (px(r["step"]), py(r["real_mean"] - r["real_std"])),
                          (px(r["step"]), py(r["real_mean"] + r["real_std"])), 1)
     labels = [(f"{game[4:-3]}: return vs dream steps", (0, 0, 0), (pad, 14)),
-              ("real game (mean, std)", (200, 40, 40), (pad, H - 30)), ("dream (per dream)", (40, 80, 200), (pad + 170, H - 30)),
+              ("real game (mean, std)", (200, 40, 40), (pad, H - 30)),
+              ("dream (per dream)", (40, 80, 200), (pad + 170, H - 30)),
               ("random policy, real game", (120, 120, 120), (pad + 320, H - 30)),
               (f"{hi:.1f}", (0, 0, 0), (4, pad - 6)), (f"{lo:.1f}", (0, 0, 0), (4, H - pad - 6)),
               (f"{x_max:,}", (0, 0, 0), (W - pad - 30, H - pad + 4))]
