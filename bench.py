@@ -88,15 +88,16 @@ def bench_collect(args):
     kit = steps / (time.perf_counter() - t)
     print(f"kit env (common.make_env: max-pooled frames, no recording): {kit:.0f} steps/s, {kit / raw:.0%} of raw")
     print("| policy | steps/s (recorded to disk) | share of raw |\n|---|---|---|")
-    for policy in ("random", "sticky", "tracker", "mix"):
+    for policy, envs in (("random", 1), ("sticky", 1), ("tracker", 1), ("mix", 1), ("mix", os.cpu_count())):
         out = tempfile.mkdtemp()
         try:
             r = subprocess.run([sys.executable, "collect.py", "--game", args.game, "--policy", policy, "--steps",
-                                str(steps), "--out", out], capture_output=True, text=True, check=True)
+                                str(steps), "--out", out, "--envs", str(envs)], capture_output=True, text=True,
+                               check=True)
         finally:
             shutil.rmtree(out, ignore_errors=True)
         rate = float(r.stdout.strip().split()[-2].lstrip("("))
-        print(f"| {policy} | {rate:.0f} | {rate / raw:.0%} |")
+        print(f"| {policy}{f', --envs {envs}' if envs > 1 else ''} | {rate:.0f} | {rate / raw:.0%} |")
 
 
 # -----------------------------------------------------------------------------
