@@ -95,6 +95,13 @@ class HumanPolicy:
 # those that one emulator writes (its episodes after the first are unseeded resets, which
 # without sticky actions start exactly where a seeded reset does).
 
+def end_flags(n, terminated, truncated):
+    """terminated and truncated (n,): how the episode's last step ended, False before it."""
+    term, trunc = np.zeros(n, bool), np.zeros(n, bool)
+    term[-1], trunc[-1] = terminated, truncated
+    return term, trunc
+
+
 def episode_seeds(seed, idx):
     """(emulator seed, policy rng) of episode idx: same --seed -> same files, and episodes
     appended to a folder later get fresh seeds."""
@@ -130,21 +137,17 @@ def record_episode(args, mix, idx, cap, path, meta):
         actions.append(a), rewards.append(r)
         _frames[len(actions)] = obs
     n = len(actions)
-    term, trunc = np.zeros(n, bool), np.zeros(n, bool)
-    term[-1], trunc[-1] = terminated, not terminated
-    common.save_episode(path, _frames[:n + 1], np.array(actions, np.int64), np.array(rewards, np.float32), term,
-                        trunc, episode=idx, **meta)
+    common.save_episode(path, _frames[:n + 1], np.array(actions, np.int64), np.array(rewards, np.float32),
+                        *end_flags(n, terminated, not terminated), episode=idx, **meta)
     return n, float(np.sum(rewards)), terminated
 
 
 def cut(path, n):
     """Rewrite an episode as its first n steps, truncated: where one emulator stops at the budget."""
     ep = common.load_episode(path)
-    term, trunc = np.zeros(n, bool), np.zeros(n, bool)
-    trunc[-1] = True
     arrays = {k: ep.pop(k) for k in ("frames", "actions", "rewards", "terminated", "truncated")}
-    common.save_episode(path, arrays["frames"][:n + 1], arrays["actions"][:n], arrays["rewards"][:n], term, trunc,
-                        **ep)
+    common.save_episode(path, arrays["frames"][:n + 1], arrays["actions"][:n], arrays["rewards"][:n],
+                        *end_flags(n, False, True), **ep)
     return float(np.sum(arrays["rewards"][:n]))
 
 
@@ -220,12 +223,9 @@ def main():
 
     def save(k, idx, n, actions, rewards, terminated, truncated, wait=False):
         path = os.path.join(out, f"ep_{idx:06d}.npz")
-        term = np.zeros(n, bool)
-        trunc = np.zeros(n, bool)
-        term[-1], trunc[-1] = terminated, truncated
         # actions/rewards are copied: the next episode refills those arrays while this one compresses
         job = writer.submit(common.save_episode, path, buffers[k][:n + 1], actions[:n].copy(), rewards[:n].copy(),
-                            term, trunc, episode=idx, **meta)
+                            *end_flags(n, terminated, truncated), episode=idx, **meta)
         pending[k] = job
         written.append(path)
         returns.append(float(np.sum(rewards[:n])))
