@@ -5,6 +5,7 @@
   python bench.py dream                       # closed loop: a player inside the dream and in the real game
   python bench.py dream --world checkpoints/breakout/world.pt --steps 1000 --seeds 3
   python bench.py envs                        # DreamEnv and DreamVecEnv steps per second
+  python bench.py train --data data/pong_1m   # train_vqvae.py streaming a dataset: speed, memory, torchrun
   python bench.py all
 
 world: open loop from 4 real frames with the true actions on validation episodes. Decoded
@@ -13,6 +14,12 @@ PSNR next to the copy-last-frame baseline at 1/5/10/30 steps; on Pong, where the
 dreamed ball is within 8 raw pixels of the real one) and the player's paddle error (raw
 pixels of the 210x160 frame) at 10 and 30 steps. With reward/end heads: precision and recall
 of the reward events (and game overs) at 1 step from real history and in 10-step rollouts.
+
+train: train_vqvae.py as a user runs it on --data (default flags, --steps, 800 unless given):
+steps per second, the peak resident memory of the process and its data workers (the token
+cache written at the end included), and the validation PSNR at every evaluation; then the
+same run as `torchrun --nproc_per_node 2` with the same global batch, whose PSNR curve should
+match within noise. It runs over links to the episodes, so --data's own caches stay as they are.
 
 envs: the dream as an environment: DreamEnv steps per second on one thread, and DreamVecEnv
 frames per second over N dreams (pixels, and tokens, which skip the decoder) on every core.
@@ -39,11 +46,12 @@ import torch
 import common
 
 p = common.flags(__doc__)
-p.add_argument("what", nargs="?", default="all", choices=["collect", "world", "dream", "envs", "all"],
+p.add_argument("what", nargs="?", default="all", choices=["collect", "world", "dream", "envs", "train", "all"],
                help="which benchmark")
 p.add_argument("--game", default="Pong", help="collect: game")
 p.add_argument("--steps", type=common.positive_int, default=None,
-               help="collect: transitions per policy (10000); dream: steps of each run (600)")
+               help="collect: transitions per policy (10000); dream: steps of each run (600); "
+                    "train: optimizer steps (800)")
 p.add_argument("--temperature", type=common.nonneg_float, default=common.TEMPERATURE,
                help="world, dream: the dream's sampling temperature (0: argmax)")
 p.add_argument("--seeds", type=common.positive_int, default=2,
@@ -51,7 +59,7 @@ p.add_argument("--seeds", type=common.positive_int, default=2,
 p.add_argument("--gif", default=None,
                help="dream: where the long-dream GIF goes (default: assets/<game>_long_dream.gif)")
 p.add_argument("--world", default="checkpoints/pong/world.pt", help="world: checkpoint")
-p.add_argument("--data", default="data/pong", help="world: dataset (its validation episodes are used)")
+p.add_argument("--data", default="data/pong", help="world: dataset (its validation episodes are used); train: dataset")
 p.add_argument("--windows", type=common.positive_int, default=64, help="world: open-loop windows of 30 steps")
 p.add_argument("--device", default="cpu", help="world, dream, envs: the device the world model runs on (cuda|mps|cpu)")
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="world: also time torch.compile")
@@ -365,6 +373,61 @@ def bench_envs(args):
         print(f"| {N} | {rates[0]:.0f} | {rates[1]:.0f} |")
 
 
+
+# -----------------------------------------------------------------------------
+
+def tree_memory(pid):
+    """Proportional set size (bytes) of a process and all its descendants: resident memory with
+    the pages forked workers share counted once (Linux /proc; 0 elsewhere)."""
+    parent = {}
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, grew = {pid}, True
+    while grew:
+        more = {p for p, pp in parent.items() if pp in tree} - tree
+        tree, grew = tree | more, bool(more)
+    total = 0
+    for p in tree:
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+def bench_train(args):
+    steps = args.steps or 800
+    links = tempfile.mkdtemp()
+    try:
+        for f in common.episode_files(args.data):
+            os.symlink(os.path.abspath(f), os.path.join(links, os.path.basename(f)))
+        print(f"train_vqvae.py on {args.data} ({len(os.listdir(links))} episodes), {steps} steps, default flags")
+        print("| run | steps/s | peak memory | val PSNR at each evaluation |\n|---|---|---|---|")
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        for name, launch, cache in (("one process", [sys.executable], "--cache"),
+                                    ("torchrun, 2 processes", torchrun, "--no-cache")):
+            proc = subprocess.Popen(launch + ["train_vqvae.py", "--data", links, "--steps", str(steps), cache,
+                                              "--out", os.path.join(links, "vq.pt"), "--assets", links],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            peak = 0
+            while proc.poll() is None:
+                peak = max(peak, tree_memory(proc.pid))
+                time.sleep(0.2)
+            out = proc.stdout.read()
+            if proc.returncode:
+                raise common.KitError(f"train_vqvae.py ({name}) failed with exit code {proc.returncode}")
+            psnr = [line.split("val PSNR ")[1].split()[0] for line in out.splitlines() if line.startswith("step ")]
+            rate = out.rsplit(" steps/s)", 1)[0].rsplit("(", 1)[1]
+            print(f"| {name} | {rate} | {peak / 2 ** 30:.2f} GB | {' '.join(psnr)} |")
+    finally:
+        shutil.rmtree(links, ignore_errors=True)
+
+
 def main():
     args = p.parse_args()
     args.device = str(common.pick_device(args.device))  # one line, not a traceback, for a device this machine lacks
@@ -377,6 +440,8 @@ def main():
         bench_dream(args)
     if args.what in ("envs", "all"):
         bench_envs(args)
+    if args.what in ("train", "all"):
+        bench_train(args)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """common.py -- the one shared module: what two or more scripts use, in pipeline order.
 
   1. running a script   KitError, run, flags() and its type checks, pick_device, compiled,
-                        seed_everything, LossWatch, resume
+                        seed_everything, LossWatch, resume; torchrun: distributed, per_rank,
+                        rank_zero_first, all_sum, all_gather, average_gradients
   2. the game           make_env (every script and evaluation plays through it), the keyboard,
                         check_display, the policies (random, sticky, tracker, mix), the trained
                         agent (Agent, AgentPolicy: train_agent.py)
   3. frames             FRAME_SPACES, preprocess, to_image, to_float / to_uint8, stack_frames
-  4. files              episodes, the train/validation split, load_dataset, checkpoints, the
-                        token and latent caches, windows, pack/take (batches gathered on the device)
+  4. files              episodes, the train/validation split, scan_dataset, frame_runs,
+                        FrameStream (frames read as training needs them), checkpoints, the token
+                        and latent caches, windows, pack/take (batches gathered on the device)
   5. tokenizers         VQVAE (discrete, seed 003), ConvAE (continuous, seeds 000 and 004)
   6. dynamics           TokenDynamics (conv), TokenAttention, Outcome (reward and end heads),
                         LatentMLP, LatentGRU, LatentActionDynamics, make_dynamics
@@ -19,6 +21,8 @@
 Read it top to bottom once; the scripts are thin on purpose.
 """
 import argparse
+import atexit
+import ctypes
 import difflib
 import functools
 import glob
@@ -37,6 +41,7 @@ import gymnasium as gym
 import imageio.v2 as imageio
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -199,6 +204,83 @@ def resume(path, kind, model, opt, **same):
     opt.load_state_dict(ck["optimizer"])
     print(f"resumed {path} at step {ck['step']}")
     return ck, ck["step"], ck.get("metrics", {})
+
+
+def distributed(name=None):
+    """This process's place among torchrun's processes -> (rank, ranks, device); a plain run is
+    (0, 1, pick_device(name)). Under `torchrun --nproc_per_node N` (RANK is set) it joins the
+    process group as nanoGPT's train.py does: NCCL on CUDA, each rank on its own GPU
+    (LOCAL_RANK), gloo on the CPU. Rank 0 logs, evaluates and writes; the other ranks print
+    nothing and draw no progress bars (theirs would draw over rank 0's), but their errors show."""
+    device = pick_device(name)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "mps":
+        raise KitError("torchrun: gloo cannot reduce MPS tensors; run one process, or --device cpu")
+    rank, ranks = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    except (ValueError, RuntimeError) as e:  # RANK set by hand, or a rendezvous that never answers
+        raise KitError(f"cannot join the torchrun process group ({first_line(e)}): launch with "
+                       f"torchrun --nproc_per_node N, or unset RANK to run one process") from None
+    atexit.register(dist.destroy_process_group)
+    if rank:
+        import tqdm
+        sys.stdout = open(os.devnull, "w")
+        init = tqdm.tqdm.__init__
+        tqdm.tqdm.__init__ = lambda self, *a, **kw: init(self, *a, **{**kw, "disable": True})
+    return rank, ranks, device
+
+
+def per_rank(batch, ranks, flag="--batch"):
+    """Each rank's share of a global batch. average_gradients makes N ranks of batch/N one step
+    of the global batch, so a run's batch, and with it its loss curve, does not change with N."""
+    if batch % ranks:
+        raise KitError(f"{flag} {batch} does not split over {ranks} processes: use a multiple of {ranks}")
+    return batch // ranks
+
+
+def rank_zero_first(rank, fn):
+    """fn() on rank 0 first (it may write a cache), then on the other ranks (which read it)."""
+    if rank == 0:
+        out = fn()
+    if dist.is_initialized():
+        dist.barrier()
+    return fn() if rank else out
+
+
+def all_sum(x, ranks):
+    """x summed over the ranks (x itself in one process)."""
+    if ranks > 1:
+        x = x.detach().clone()
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather(x, ranks):
+    """Every rank's x, concatenated in rank order along dim 0 (x itself in one process)."""
+    if ranks == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(ranks)]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts)
+
+
+def average_gradients(params, ranks):
+    """What DistributedDataParallel does to a step, between backward and the optimizer: every
+    rank's gradients become the mean over the ranks. One all-reduce of one flat buffer: DDP's
+    buckets overlap it with the backward, which buys nothing at these model sizes, and a plain
+    call works unchanged across several modules, K-step rollouts and two-stage scripts."""
+    if ranks == 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.div_(ranks).split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
 
 
 # =============================================================================
@@ -523,12 +605,20 @@ def frame_shape(space):
 
 
 @torch.no_grad()
+def _fifths(x, dim):
+    """Sums of 5 -> 2 along dim, over raw pixels 0-2 and 2-4: area resampling's windows at 2.5x."""
+    s = lambda i: x.narrow(dim, i, x.shape[dim] - 4)[(slice(None),) * dim + (slice(None, None, 5),)]
+    return torch.stack([s(0) + s(1) + s(2), s(2) + s(3) + s(4)], dim + 1).flatten(dim, dim + 1)
+
+
 def preprocess(frames, space, chunk=512):
     """(N, 210, 160, 3) uint8 (numpy or torch) -> (N, C, H, W) uint8 torch, on the CPU.
 
-    Area resampling: the average over each output pixel's footprint. Pong's ball is 2 raw
-    pixels wide; nearest sampling at 64 columns (every 2.5 px) can drop it and an
-    antialiased bilinear resize smears it, while area keeps it as a 40-80% blob."""
+    Area resampling (torch's adaptive average pooling): each output pixel is the mean of the
+    raw pixels its footprint touches. Pong's ball is 2 raw pixels wide; nearest sampling at 64
+    columns (every 2.5 px) can drop it and an antialiased bilinear resize smears it, while area
+    keeps it as a 40-80% blob. At exactly 2.5x (210x160 -> rgb84x64, the default) the same
+    means are summed in integers, twice as fast: streaming trainers preprocess every episode."""
     H, W, C = frame_shape(space)
     frames = torch.as_tensor(np.asarray(frames))
     single = frames.dim() == 3
@@ -536,7 +626,12 @@ def preprocess(frames, space, chunk=512):
         frames = frames[None]
     out = torch.empty((len(frames), C, H, W), dtype=torch.uint8)
     lum = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    fifths = C == 3 and frames.shape[1:3] == (H * 5 // 2, W * 5 // 2) and H % 2 == W % 2 == 0
     for i in range(0, len(frames), chunk):
+        if fifths:  # 3x3 raw pixels per output pixel: 9 x 255 fits int16, and x / 9 is never a tie
+            x = _fifths(_fifths(frames[i:i + chunk].to(torch.int16), 1), 2)
+            out[i:i + chunk] = ((x + 4) // 9).to(torch.uint8).permute(0, 3, 1, 2)
+            continue
         x = frames[i:i + chunk].permute(0, 3, 1, 2).float()
         if C == 1:
             x = (x * lum).sum(1, keepdim=True)
@@ -647,46 +742,122 @@ def split_episodes(files, val_frac=0.1, seed=0):
     return [f for f in files if f not in val], [f for f in files if f in val]
 
 
-def load_dataset(folder, space, val_frac=0.1, seed=0, skip_bad=False, progress=True):
-    """Episodes of `folder`, preprocessed to `space`: (train, val, meta); train and val are
-    lists of dicts with frames (N+1, C, H, W) uint8 torch, actions (N,) int64 torch, the file
-    name. A corrupt file stops with its name unless skip_bad; one game per folder."""
-    from tqdm import tqdm
-    files = episode_files(folder)
-    train_f, val_f = split_episodes(files, val_frac, seed)
-
-    def read(f):  # zlib and the resize release the GIL: two threads use both cores
+def scan_dataset(folder, val_frac=0.1, seed=0, skip_bad=False):
+    """The episodes of `folder` without a frame read (only their small entries): (train, val,
+    meta); train and val are lists of (file, frames in it), meta the game and its actions. For
+    trainers that stream frames (FrameStream) instead of holding them all."""
+    files, meta, lengths = episode_files(folder), None, {}
+    for f in files:
         try:
-            ep = load_episode(f)
-            ep["frames"] = preprocess(ep["frames"], space)
-            return ep
+            ep = load_episode(f, ["actions", "game", "action_meanings"])
         except KitError as e:
-            return e
-
-    eps, meta = {}, None
-    with ThreadPoolExecutor(2) as pool:
-        loaded = tqdm(pool.map(read, files), total=len(files), desc=f"load {folder}", unit="ep",
-                      disable=not progress, leave=False)
-        for f, ep in zip(files, loaded):
-            if isinstance(ep, KitError):
-                if not skip_bad:
-                    raise KitError(f"{ep} (use --skip-bad to go on without it)")
-                print(f"warning: skipping {ep}", file=sys.stderr)
-                continue
-            if len(ep["actions"]) == 0:
-                continue
-            meta = meta or {"game": str(ep["game"]), "action_meanings": [str(m) for m in ep["action_meanings"]]}
-            if str(ep["game"]) != meta["game"]:
-                raise KitError(f"{f} is {ep['game']} but {folder} also holds {meta['game']}: one game per folder")
-            eps[f] = {"frames": ep["frames"], "actions": torch.as_tensor(ep["actions"]),
-                      "rewards": torch.as_tensor(ep["rewards"]), "file": os.path.basename(f)}
-    if not eps:
+            if not skip_bad:
+                raise KitError(f"{e} (use --skip-bad to go on without it)") from None
+            print(f"warning: skipping {e}", file=sys.stderr)
+            continue
+        meta = meta or {"game": str(ep["game"]), "action_meanings": [str(m) for m in ep["action_meanings"]]}
+        if str(ep["game"]) != meta["game"]:
+            raise KitError(f"{f} is {ep['game']} but {folder} also holds {meta['game']}: one game per folder")
+        if len(ep["actions"]):
+            lengths[f] = len(ep["actions"]) + 1
+    if not lengths:
         raise KitError(f"no usable episodes in {folder}")
-    train, val = [eps[f] for f in train_f if f in eps], [eps[f] for f in val_f if f in eps]
-    if not train:
-        train, val = val, []
-    return train, val, meta
+    train_f, val_f = split_episodes(sorted(lengths), val_frac, seed)
+    train, val = [(f, lengths[f]) for f in train_f], [(f, lengths[f]) for f in val_f]
+    return (val, [], meta) if not train else (train, val, meta)
 
+
+def frame_runs(episodes, space, n, length=1, most=16):
+    """n runs of `length` consecutive frames, evenly spaced over all the runs of `most` episodes
+    evenly spaced in `episodes` ((file, frames) pairs) -> (n, length, C, H, W) uint8, reading
+    one episode at a time: a validation set, quick to read whatever the dataset's size."""
+    episodes = [episodes[i] for i in np.linspace(0, len(episodes) - 1, min(most, len(episodes))).round().astype(int)]
+    runs = [max(count - length + 1, 0) for _, count in episodes]
+    picks = torch.linspace(0, sum(runs) - 1, min(n, sum(runs))).long()
+    out, offset = [], 0
+    for (f, _), count in zip(episodes, runs):
+        mine = picks[(picks >= offset) & (picks < offset + count)] - offset
+        if len(mine):
+            frames = preprocess(load_episode(f, ["frames"])["frames"], space)
+            out.append(frames[mine[:, None] + torch.arange(length)])
+        offset += count
+    if not out:
+        raise KitError(f"no episode holds {length} frames")
+    return torch.cat(out)
+
+
+def _release_heap():
+    """Hand freed heap back to the OS. Decoding an episode frees ~0.3 GB of temporaries that
+    glibc keeps in its arenas, and a worker holding 0.5 GB of frames was measured at 2 GB
+    without this. A no-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class FrameStream(torch.utils.data.IterableDataset):
+    """Endless batches of `batch` runs of `length` consecutive frames, (batch, length, C, H, W)
+    uint8, read from the episode files as they are needed. Each DataLoader worker holds
+    episodes, decoded and preprocessed, up to `hold` frames, and draws every batch uniformly
+    over their runs: a dataset that fits is held whole (and read once, an episode per batch
+    while the first batches train); a larger one streams through, the oldest episode swapped
+    for a random unheld one (by file size, ~ length) every `turn` batches. Memory is `hold`
+    frames a worker whatever the dataset's size. A bad file is skipped with a warning
+    (skip_bad) or handed to the trainer, as the KitError to raise."""
+
+    def __init__(self, episodes, space, batch, length=1, seed=0, skip_bad=False, hold=2 ** 15, turn=64):
+        super().__init__()
+        self.files = [f for f, count in episodes if count >= length]
+        self.space, self.batch, self.length, self.seed, self.skip_bad = space, batch, length, seed, skip_bad
+        self.hold, self.turn = hold, turn
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, info.id if info else 0])
+        size = np.array([os.path.getsize(f) for f in self.files], float)
+        held, bad, n = [], set(), 0  # held: (file index, frames), oldest first
+        while True:
+            free = np.setdiff1d(np.arange(len(self.files)), [*bad, *(j for j, _ in held)])
+            growing = sum(len(frames) for _, frames in held) < self.hold
+            if len(free) and (growing or n % self.turn == 0):
+                i = rng.choice(free, p=size[free] / size[free].sum())
+                try:
+                    frames = preprocess(load_episode(self.files[i], ["frames"])["frames"], self.space)
+                except KitError as e:
+                    if not self.skip_bad:
+                        yield KitError(f"{e} (use --skip-bad to go on without it)")
+                        return
+                    print(f"warning: skipping {e}", file=sys.stderr)
+                    bad.add(i)
+                    continue
+                held = held[int(not growing):] + [(i, frames)]  # a swap drops the oldest
+                _release_heap()
+            if not held:
+                yield KitError("no readable episodes to stream")
+                return
+            runs = np.array([len(frames) - self.length + 1 for _, frames in held])
+            which = rng.choice(len(held), self.batch, p=runs / runs.sum())
+            starts = rng.integers(runs[which])
+            yield torch.stack([held[k][1][s:s + self.length] for k, s in zip(which, starts)])
+            n += 1
+
+
+# the trainers' --workers: a quarter of the cores, at most 4, and none below 4 cores, where a worker
+# takes a core from training's threads (1M Pong frames on 2 cores: 5.3 steps/s with one, 5.7 without)
+STREAM_WORKERS = min(4, (os.cpu_count() or 1) // 4)
+
+
+def frame_stream(episodes, space, batch, length=1, workers=STREAM_WORKERS, seed=0, skip_bad=False, hold=2 ** 15):
+    """An endless iterator of FrameStream batches from `workers` processes (0: this one), each
+    with its own seed, so decoding runs beside training. Raises what a worker could not read."""
+    loader = torch.utils.data.DataLoader(FrameStream(episodes, space, batch, length, seed, skip_bad, hold),
+                                         batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
+                                         persistent_workers=workers > 0)
+    for x in loader:
+        if isinstance(x, KitError):
+            raise x
+        yield x
 
 # -----------------------------------------------------------------------------
 # checkpoints: self-describing dicts (kind, model args, frame space, game, actions, step,
@@ -736,74 +907,104 @@ def file_key(path):
 
 
 @torch.no_grad()
-def _encoded(data_dir, tok_path, encode, space, game, skip_bad, name, frames=None):
+def _encoded(data_dir, tok_path, encode, space, game, skip_bad, name, read=True):
     """encode(frames) of every episode of `data_dir` (frames (N+1, C, H, W) uint8 in `space`
-    -> a numpy array): {file name: array}, cached in data_dir/<name>.npz under the tokenizer
-    checkpoint's hash, so that the dynamics never re-encode frames. A cache built by another
-    tokenizer is detected and rebuilt; episodes added since are encoded and appended. `frames`
-    ({file name: frames in `space`}) saves reading again the episodes a trainer holds."""
+    -> a numpy array), cached in data_dir/<name>.npz under the tokenizer checkpoint's hash, so
+    that the dynamics never re-encode frames. A cache built by another tokenizer is detected and
+    rebuilt; episodes added since are encoded and appended. The file is written one episode at
+    a time while two threads decode the next ones: memory holds three episodes, not the
+    dataset. -> {file name: array}, or None where the caller only wants the file (`read`)."""
     from tqdm import tqdm
     key, path = file_key(tok_path), os.path.join(data_dir, f"{name}.npz")
     files = episode_files(data_dir)
     # an episode re-recorded under the same name has another size or mtime: encode it again
     sig = {os.path.basename(f): f"{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files}
-    cached = {}
+    kept = []
     if os.path.exists(path):
         try:
             with np.load(path, allow_pickle=False) as z:
                 if str(z["key"]) == key:
-                    cached = {k: z[k] for k in z.files if k in sig and str(z[f"{k}.sig"]) == sig[k]}
+                    kept = [k for k in z.files if k in sig and str(z[f"{k}.sig"]) == sig[k]]
                 else:
                     print(f"{name} cache {path} was built by another tokenizer: rebuilding", file=sys.stderr)
         except Exception:
             print(f"{name} cache {path} is unreadable: rebuilding", file=sys.stderr)
-    todo = [f for f in files if os.path.basename(f) not in cached]
-    for f in tqdm(todo, desc=f"encode {name}", unit="ep", leave=False):
-        if frames and os.path.basename(f) in frames:
-            cached[os.path.basename(f)] = encode(frames[os.path.basename(f)])
-            continue
+    todo = [f for f in files if os.path.basename(f) not in kept]
+
+    def decode(f):  # zlib and the resize release the GIL: the next episodes decode while one encodes
         try:
-            ep = load_episode(f, keys=["frames", "actions", "game"])
+            ep = load_episode(f, keys=["frames", "game"])
         except KitError as e:
-            if skip_bad:
-                continue
-            raise KitError(f"{e} (use --skip-bad to go on without it)") from None
-        if str(ep["game"]) != game:
-            raise KitError(f"tokenizer {tok_path} was trained on {game}, {f} is {ep['game']}")
-        cached[os.path.basename(f)] = encode(preprocess(ep["frames"], space))
+            return e
+        return str(ep["game"]), preprocess(ep["frames"], space) if str(ep["game"]) == game else None
+
+    def write(fo):
+        with zipfile.ZipFile(fo, "w") as zf, ThreadPoolExecutor(2) as pool:
+            _put(zf, "key", np.array(key))
+            if kept:
+                with np.load(path, allow_pickle=False) as old:
+                    for k in kept:
+                        _put(zf, k, old[k])
+                        _put(zf, f"{k}.sig", np.array(sig[k]))
+            ahead = [(f, pool.submit(decode, f)) for f in todo[:2]]
+            for n in tqdm(range(len(todo)), desc=f"encode {name}", unit="ep", leave=False):
+                f, job = ahead.pop(0)
+                if n + 2 < len(todo):
+                    ahead.append((todo[n + 2], pool.submit(decode, todo[n + 2])))
+                got = job.result()
+                if isinstance(got, KitError):
+                    if skip_bad:
+                        continue
+                    raise KitError(f"{got} (use --skip-bad to go on without it)")
+                if got[1] is None:
+                    raise KitError(f"tokenizer {tok_path} was trained on {game}, {f} is {got[0]}")
+                _put(zf, os.path.basename(f), encode(got[1]))
+                _put(zf, f"{os.path.basename(f)}.sig", np.array(sig[os.path.basename(f)]))
+
     if todo:
-        sigs = {f"{k}.sig": np.array(sig[k]) for k in cached}
-        _atomic_write(path, lambda fo: np.savez(fo, key=np.array(key), **cached, **sigs))
-    return cached
+        _atomic_write(path, write)
+    if read:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files if k in sig}
 
 
-def token_cache(data_dir, tok_path, tok, space, device, game, skip_bad=False, batch=256, frames=None):
-    """Tokens of every episode: {file name: (N+1, h, w) int64}, cached in data_dir/tokens.npz."""
+def _put(zf, name, array):
+    """One array into an open zip as np.savez writes it (name.npy): np.load reads the file."""
+    with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+
+
+def token_cache(data_dir, tok_path, tok, space, device, game, skip_bad=False, batch=256, read=True):
+    """Tokens of every episode: {file name: (N+1, h, w) int16}, cached in data_dir/tokens.npz
+    (None when not `read`: a tokenizer's trainer only writes them). They stay int16 in memory,
+    a quarter of int64's 2.7 GB at a million 21x16 frames: a batch is made long when gathered."""
     tok = tok.to(device).eval()
     encode = lambda frames: torch.cat([tok.encode(x.to(device)).cpu() for x in frames.split(batch)]).numpy().astype(
         np.int16)
-    cached = _encoded(data_dir, tok_path, encode, space, game, skip_bad, "tokens", frames)
-    return {k: torch.from_numpy(v.astype(np.int64)) for k, v in cached.items()}
+    cached = _encoded(data_dir, tok_path, encode, space, game, skip_bad, "tokens", read)
+    return {k: torch.from_numpy(v) for k, v in cached.items()} if read else None
 
 
-def latent_cache(data_dir, ae_path, ae, space, device, game, skip_bad=False, batch=256, frames=None):
+def latent_cache(data_dir, ae_path, ae, space, device, game, skip_bad=False, batch=256, read=True):
     """Latents of every episode: {file name: (N + 2 - stack, latent_dim) float32}, latent j
-    encoding frames j .. j + stack - 1; cached in data_dir/latents.npz."""
+    encoding frames j .. j + stack - 1; cached in data_dir/latents.npz (None when not `read`)."""
     ae = ae.to(device).eval()
     encode = lambda frames: torch.cat([torch.zeros(0, ae.latent_dim)] + [  # an episode may be shorter than a stack
         ae.encode(stack_frames(frames, ae.stack, starts).to(device)).cpu()
         for starts in torch.arange(len(frames) - ae.stack + 1).split(batch)]).numpy()
-    cached = _encoded(data_dir, ae_path, encode, space, game, skip_bad, "latents", frames)
-    return {k: torch.from_numpy(v) for k, v in cached.items()}
+    cached = _encoded(data_dir, ae_path, encode, space, game, skip_bad, "latents", read)
+    return {k: torch.from_numpy(v) for k, v in cached.items()} if read else None
 
 
-def coded_episodes(folder, codes, key, space=None, val_frac=0.1, seed=0, actions=True):
+def coded_episodes(folder, codes, key, space=None, val_frac=0.1, seed=0, actions=True, most_val=16):
     """The episodes of `folder` that have codes in a cache ({file name: codes}, as token_cache and
     latent_cache return), split by episode as the tokenizer was: (train, val), lists of dicts
     with the codes under `key`, the actions, rewards and terminated (N,) unless actions=False, and, for validation
-    episodes when `space` is given, the frames preprocessed to it (dreams are scored on them)."""
+    episodes when `space` is given, the frames preprocessed to it (dreams are scored on them).
+    At most `most_val` validation episodes are read: their frames are 16 MB per 1000 steps."""
     files = [f for f in episode_files(folder) if os.path.basename(f) in codes]
     train_f, val_f = split_episodes(files, val_frac, seed)
+    val_f = val_f[:most_val]
     if not val_f:
         val_f = train_f[-1:]
         print(f"warning: one episode only in {folder}: validating on training data", file=sys.stderr)
@@ -888,8 +1089,11 @@ class VectorQuantizer(nn.Module):
         if self.training:
             with torch.no_grad():
                 onehot = F.one_hot(idx.reshape(-1), self.n_codes).type(flat.dtype)
-                self.cluster_size.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
-                self.embed_avg.mul_(self.decay).add_(onehot.t() @ flat, alpha=1 - self.decay)
+                stats = torch.cat([onehot.sum(0)[:, None], onehot.t() @ flat], 1)
+                if dist.is_initialized():  # under torchrun every rank's codebook moves by the global batch
+                    dist.all_reduce(stats)
+                self.cluster_size.mul_(self.decay).add_(stats[:, 0], alpha=1 - self.decay)
+                self.embed_avg.mul_(self.decay).add_(stats[:, 1:], alpha=1 - self.decay)
                 n = self.cluster_size.sum()
                 size = (self.cluster_size + self.eps) / (n + self.n_codes * self.eps) * n
                 self.embed.copy_(self.embed_avg / size[:, None])
@@ -910,6 +1114,9 @@ class VectorQuantizer(nn.Module):
             self.embed[dead] = pick
             self.embed_avg[dead] = pick
             self.cluster_size[dead] = 1.0
+            if dist.is_initialized():  # each rank drew from its own batch: rank 0's draws win
+                for buffer in (self.embed, self.embed_avg, self.cluster_size):
+                    dist.broadcast(buffer, 0)
         return n
 
 

@@ -18,6 +18,7 @@ Examples:
   python train_ae.py --vae --beta 1e-4 --latent-dim 64 --frame-space gray64x64 --stack 4 --dynamics gru  # seed 004
   python train_ae.py --dynamics-steps 0                    # the autoencoder only
   python train_ae.py --resume --steps 1500                 # continue the autoencoder, then its dynamics
+  torchrun --nproc_per_node 2 train_ae.py                  # 2 processes, same global batches
 """
 import os
 import sys
@@ -89,6 +90,9 @@ p.add_argument("--device", default=None, help="cuda | mps | cpu (default: best a
 p.add_argument("--compile", action="store_true", help="torch.compile the autoencoder (pays off on CUDA, not on CPU)")
 p.add_argument("--resume", action="store_true",
                help="continue each stage from its checkpoint (--out, --world-out) where there is one")
+p.add_argument("--workers", type=common.nonneg_int, default=common.STREAM_WORKERS,
+               help="autoencoder: processes that read and preprocess episodes beside training (0: in this one; "
+                    "default: a quarter of the cores, at most 4)")
 p.add_argument("--skip-bad", action="store_true", help="skip unreadable episode files instead of stopping")
 p.add_argument("--assets", default="assets", help="where the reconstruction PNG and the dream GIF go")
 common.renamed(p, "--kind", "--vae", type=lambda kind: kind == "vae")  # --kind ae|vae
@@ -96,15 +100,6 @@ common.renamed(p, "--kind", "--vae", type=lambda kind: kind == "vae")  # --kind 
 
 # -----------------------------------------------------------------------------
 # stage one: the autoencoder
-
-def stacks(eps, S):
-    """Frames of all episodes in one tensor, and the start of every run of S frames that stays
-    inside one episode: common.stack_frames(X, S, starts) are the stacks."""
-    X = torch.cat([ep["frames"] for ep in eps])
-    ends = torch.tensor([len(ep["frames"]) for ep in eps]).cumsum(0)
-    starts = torch.cat([torch.arange(e - len(ep["frames"]), e - S + 1) for e, ep in zip(ends.tolist(), eps)])
-    return X, starts
-
 
 @torch.no_grad()
 def recon_grid(model, V, path, device):
@@ -139,18 +134,22 @@ def evaluate_ae(model, V, device, space, pong, batch=256):
     return common.psnr(mse).mean().item(), (mse / 255 ** 2).mean().item(), ball
 
 
-def train_autoencoder(args, out, name, device):
+def train_autoencoder(args, out, name, device, rank, ranks):
     """Stage one: train (or continue) the autoencoder at `out`, write its PNG and the latent cache."""
-    S = args.stack
-    train, val, meta = common.load_dataset(args.data, args.frame_space, args.val_frac, args.seed, args.skip_bad)
-    X, starts = stacks(train, S)
-    VX, vstarts = stacks(val or train, S)
-    if not len(starts) or not len(vstarts):
+    S, rank_batch = args.stack, common.per_rank(args.batch, ranks)
+    train, val, meta = common.scan_dataset(args.data, args.val_frac, args.seed, args.skip_bad)
+    if not any(n >= S for _, n in train) or not any(n >= S for _, n in val or train):
         raise common.KitError(f"episodes in {args.data} are shorter than --stack {S} frames")
-    V = common.stack_frames(VX, S, vstarts[torch.linspace(0, len(vstarts) - 1, min(len(vstarts), 512)).long()])
-    bg = X[torch.randperm(len(X))[:2000]].float().median(0).values.repeat(S, 1, 1).to(device)  # the static background
-    print(f"data: {len(starts)} train {'stacks' if S > 1 else 'frames'} ({len(train)} episodes), {len(V)} val "
-          f"({len(val)} episodes), {meta['game']}, {args.frame_space}, stack {S}")
+    V = common.frame_runs(val or train, args.frame_space, 512, S).flatten(1, 2)  # stacks: S frames as channels
+    few = [train[i] for i in np.random.default_rng(args.seed).permutation(len(train))[:8]]
+    bg = common.frame_runs(few, args.frame_space, 2000)[:, 0].float().median(0).values.repeat(S, 1, 1).to(device)
+    # every rank reads the same stream of global batches and trains on its slice: the run is the one
+    # process's, whatever the number of ranks (up to float rounding; a VAE draws its own noise)
+    stream = common.frame_stream(train, args.frame_space, args.batch, S, args.workers, args.seed, args.skip_bad)
+    mine = slice(rank * rank_batch, (rank + 1) * rank_batch)
+    print(f"data: {sum(n - S + 1 for _, n in train if n >= S)} train {'stacks' if S > 1 else 'frames'} ({len(train)} "
+          f"episodes, streamed by {args.workers} workers), {len(V)} val ({len(val)} episodes), {meta['game']}, "
+          f"{args.frame_space}, stack {S}")
     H, W, C = common.frame_shape(args.frame_space)
     model_args = dict(in_ch=C, size=(H, W), stack=S, latent_dim=args.latent_dim, hidden=args.hidden, fc=args.fc,
                       vae=args.vae)
@@ -169,29 +168,32 @@ def train_autoencoder(args, out, name, device):
 
     def save():
         watch.check(out)  # a NaN is never saved over the last good checkpoint
+        if rank:  # one writer
+            return
         common.save_checkpoint(out, dict(
             kind="ae", model_args=model_args, model=model.state_dict(), optimizer=opt.state_dict(),
             frame_space=args.frame_space, game=meta["game"], action_meanings=meta["action_meanings"],
             step=step, args=vars(args), metrics=metrics))
 
-    g = torch.Generator().manual_seed(args.seed)
     bar = tqdm(total=args.steps, initial=min(step, args.steps), desc="vae" if args.vae else "ae", unit="step")
     t0 = time.time()
     try:
         while step < args.steps:
-            x = common.stack_frames(X, S, starts[torch.randint(len(starts), (args.batch,), generator=g)]).to(device)
+            x = next(stream)[mine].flatten(1, 2).to(device)  # S frames as channels, oldest first
             w = 1 + args.fg_weight * ((x.float() - bg).abs() > 12).float()
             lr = args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / args.steps))
             for group in opt.param_groups:
                 group["lr"] = lr
             rec, _, kl = fwd(x)
-            recon = (w * (rec - common.to_float(x)) ** 2).sum() / w.sum()
+            # normalized by the global batch's weight: the ranks' mean gradient is the whole batch's
+            recon = (w * (rec - common.to_float(x)) ** 2).sum() * ranks / common.all_sum(w.sum(), ranks)
             # beta weighs the KL against the error summed over pixels, as in the ELBO; against the mean
             # it is 16384x stronger at 4x64x64, and the VAE collapsed to the mean frame (KL 0)
             loss = recon + args.beta * kl / x[0].numel()
             read = watch(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            common.average_gradients(model.parameters(), ranks)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
@@ -199,7 +201,7 @@ def train_autoencoder(args, out, name, device):
             if read:  # the loss leaves the device every few steps, not every step
                 watch.check(out)
                 bar.set_postfix(loss=f"{recon.item():.4f}")
-            if step % args.eval_every == 0 or step == args.steps:
+            if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
                 psnr, mse, ball = evaluate_ae(model, V, device, args.frame_space, meta["game"] == "ALE/Pong-v5")
                 metrics = dict(recon=recon.item(), kl=kl.item(), val_psnr=psnr, val_mse=mse, ball_8px=ball)
                 tqdm.write(f"step {step}: recon {recon.item():.5f}" + (f"  kl {kl.item():.2f}" if args.vae else "") +
@@ -212,8 +214,9 @@ def train_autoencoder(args, out, name, device):
         print(f"interrupted at step {step}: checkpoint saved to {out} (continue with --resume)", file=sys.stderr)
         sys.exit(130)
     bar.close()
-    common.latent_cache(args.data, out, model, args.frame_space, device, meta["game"], args.skip_bad,
-                        frames={ep["file"]: ep["frames"] for ep in train + val})
+    stream.close()  # its workers and their frames go before the cache is written
+    common.rank_zero_first(rank, lambda: common.latent_cache(args.data, out, model, args.frame_space, device,
+                                                             meta["game"], args.skip_bad, read=False))
     print(f"autoencoder: {step} steps ({(time.time() - t0) / 60:.1f} min this run), val PSNR "
           f"{metrics.get('val_psnr', float('nan')):.2f} dB, val MSE {metrics.get('val_mse', float('nan')):.6f}; "
           f"wrote {out}, {png} and the latent cache")
@@ -278,7 +281,7 @@ def evaluate_dynamics(wm, val, fixed, T, S):
     return m
 
 
-def train_dynamics(args, ae_path, out, name, device):
+def train_dynamics(args, ae_path, out, name, device, rank, ranks):
     """Stage two: latent dynamics over the autoencoder at ae_path, written to `out`."""
     ae, ack = common.load_tokenizer(ae_path, ("ae",))
     S, T, K, H = ae.stack, args.context - ae.stack + 1, args.rollout, max(common.HORIZONS)
@@ -314,13 +317,16 @@ def train_dynamics(args, ae_path, out, name, device):
 
     def save():
         watch.check(out)  # a NaN is never saved over the last good checkpoint
+        if rank:  # one writer
+            return
         common.save_checkpoint(out, dict(
             kind="world", model_args=model_args, model=dyn.state_dict(), optimizer=opt.state_dict(),
             tokenizer_kind="ae", tokenizer_args=ack["model_args"], tokenizer=ae.state_dict(), tokenizer_path=ae_path,
             tokenizer_key=ae_key, frame_space=space, game=ack["game"], action_meanings=meanings,
             step=step, args=vars(args), metrics=metrics))
 
-    g = np.random.default_rng(args.seed)
+    g = np.random.default_rng(args.seed + rank)  # each rank its own draws
+    rank_batch = common.per_rank(args.dynamics_batch, ranks, "--dynamics-batch")
     disc = torch.tensor([args.discount ** k for k in range(K)])
     disc = disc / disc.sum()  # normalized discounted loss (seed 003)
     bar = tqdm(total=args.dynamics_steps, initial=min(step, args.dynamics_steps), desc="dynamics", unit="step")
@@ -332,12 +338,13 @@ def train_dynamics(args, ae_path, out, name, device):
             for group in opt.param_groups:
                 group["lr"] = lr
             tf = max(args.teacher_forcing, 1 - frac / 0.3)  # from 1 to its floor over the first 30%
-            idx = [pool[i] for i in g.integers(len(pool), size=args.dynamics_batch)]
+            idx = [pool[i] for i in g.integers(len(pool), size=rank_batch)]
             hist, act, tgt = latent_batch(train, idx, T, K, S, device)
             loss = latent_loss(dyn, decode, hist, act, tgt, tf, disc, args.pixel_loss)
             read = watch(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            common.average_gradients(dyn.parameters(), ranks)
             torch.nn.utils.clip_grad_norm_(dyn.parameters(), 1.0)
             opt.step()
             step += 1
@@ -345,7 +352,7 @@ def train_dynamics(args, ae_path, out, name, device):
             if read:  # the loss leaves the device every few steps, not every step
                 watch.check(out)
                 bar.set_postfix(loss=f"{loss.item():.4f}", tf=f"{tf:.2f}")
-            if step % args.dynamics_eval_every == 0 or step == args.dynamics_steps:
+            if rank == 0 and (step % args.dynamics_eval_every == 0 or step == args.dynamics_steps):
                 metrics = evaluate_dynamics(wm, val, fixed, T, S)
                 tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
                 save()
@@ -355,6 +362,8 @@ def train_dynamics(args, ae_path, out, name, device):
         print(f"interrupted at step {step}: checkpoint saved to {out} (continue with --resume)", file=sys.stderr)
         sys.exit(130)
     bar.close()
+    if rank:
+        return
 
     os.makedirs(args.assets, exist_ok=True)
     gif = os.path.join(args.assets, f"{name}_dream_{'vae' if ae.vae else 'ae'}.gif")
@@ -371,7 +380,7 @@ def train_dynamics(args, ae_path, out, name, device):
 def main():
     args = p.parse_args()
     common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
+    rank, ranks, device = common.distributed(args.device)  # torchrun: one process per rank
     name = os.path.basename(os.path.normpath(args.data))
     kind = "vae" if args.vae else "ae"
     out = args.out or os.path.join("checkpoints", name, f"{kind}.pt")
@@ -379,9 +388,10 @@ def main():
     if args.context < args.stack:
         raise common.KitError(f"--context {args.context} is shorter than --stack {args.stack}: each latent encodes "
                               f"{args.stack} frames, so the world needs at least {args.stack} frames of history")
-    train_autoencoder(args, out, name, device)
+    common.per_rank(args.dynamics_batch, ranks, "--dynamics-batch")  # refused before stage one, not after it
+    train_autoencoder(args, out, name, device, rank, ranks)
     if args.dynamics_steps > 0:
-        train_dynamics(args, out, world_out, name, device)
+        train_dynamics(args, out, world_out, name, device, rank, ranks)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Examples:
   python train_agent.py                                         # checkpoints/pong/world.pt, ~25 min
   python train_agent.py --world checkpoints/breakout/world.pt --total-steps 200000
   python train_agent.py --resume --total-steps 600000           # go on from checkpoints/pong/agent.pt
+  torchrun --nproc_per_node 2 train_agent.py                    # 2 processes, 32 of the 64 dreams each
   python play.py --policy agent:checkpoints/pong/agent.pt       # watch it play the dream (and the shadow)
   python collect.py --policy agent:checkpoints/pong/agent.pt    # let it record more data
 """
@@ -193,18 +194,17 @@ def advantages(b, gamma, lam):
     return adv, adv + b["values"]
 
 
-def update(agent, opt, b, args):
+def update(agent, opt, b, ranks, args):
     """PPO's clipped objective over the valid steps of the rollout -> the last minibatch's numbers."""
     adv, ret = advantages(b, args.gamma, args.gae_lambda)
     keep = b["valid"].flatten()
     obs, act = b["obs"].flatten(0, 1)[keep], b["actions"].flatten()[keep]
     old_logp, adv, ret = b["logprobs"].flatten()[keep], adv.flatten()[keep], ret.flatten()[keep]
-    n = len(act)
-    size = max(1, n // args.minibatches)
+    n, m = len(act), args.minibatches
     for _ in range(args.epochs):
         order = torch.randperm(n, device=act.device)
-        for i in range(0, n - size + 1, size):
-            mb = order[i:i + size]
+        for i in range(m):  # exactly m steps, whatever n: under torchrun every rank must take as many
+            mb = order[i * n // m:(i + 1) * n // m]
             logits, value = agent(obs[mb])
             logp = F.log_softmax(logits, -1)
             new_logp = logp.gather(1, act[mb, None])[:, 0]
@@ -216,6 +216,7 @@ def update(agent, opt, b, args):
             loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            common.average_gradients(agent.parameters(), ranks)
             torch.nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             opt.step()
     return dict(pg=pg_loss.item(), v=v_loss.item(), ent=entropy.item(), clipfrac=((ratio - 1).abs() > args.clip)
@@ -229,7 +230,8 @@ def main():
     common.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = common.pick_device(args.device)
+    rank, ranks, device = common.distributed(args.device)  # torchrun: one process per rank
+    n_envs = common.per_rank(args.envs, ranks, "--envs")  # this rank's share of the dreams
     out = args.out or os.path.join(os.path.dirname(args.world) or ".", "agent.pt")
     world_key = common.file_key(args.world) if os.path.isfile(args.world) else None
 
@@ -242,7 +244,7 @@ def main():
         raise common.KitError(f"{args.world} has no reward heads (train_world.py --heads): "
                               f"the dream gives no reward to learn from")
     try:
-        envs = common.DreamVecEnv(wm, args.envs, start=args.start, obs="tokens", max_episode_steps=args.dream_steps,
+        envs = common.DreamVecEnv(wm, n_envs, start=args.start, obs="tokens", max_episode_steps=args.dream_steps,
                                   pool=args.start_pool, paying=args.paying_starts)
     except ValueError as e:
         raise common.KitError(f"{e} (--start env starts dreams from the emulator instead)") from None
@@ -265,6 +267,8 @@ def main():
           f"{args.envs} x {args.rollout} dream steps per update")
 
     def save():
+        if rank:  # one writer
+            return
         common.save_checkpoint(out, dict(
             kind="agent", model_args=model_args, model=agent.state_dict(), optimizer=opt.state_dict(),
             tokenizer_args=tok_args, tokenizer=tok.state_dict(), world=args.world, world_key=world_key,
@@ -288,24 +292,27 @@ def main():
 
     # -------------------------------------------------------------------------
     # the random policy's real return, once, for scale
-    if not any(r["policy"] == "random" for r in metrics["curve"]):
+    if rank == 0 and not any(r["policy"] == "random" for r in metrics["curve"]):
         rng = np.random.default_rng(args.seed)
         returns, _ = evaluate(lambda obs, fresh: rng.integers(wm.n_actions, size=len(obs)), wm.game,
                               args.eval_episodes, args.eval_max_steps)
         metrics["curve"].append(dict(update=0, step=0, minutes=0.0, policy="random", real_mean=float(returns.mean()),
                                      real_std=float(returns.std()), dream_return=float("nan"), dream_episodes=0))
-    rand = next(r for r in metrics["curve"] if r["policy"] == "random")
-    print(f"random policy, real game: {rand['real_mean']:+.2f} ± {rand['real_std']:.2f} "
-          f"over {args.eval_episodes} episodes")
+    rand = next((r for r in metrics["curve"] if r["policy"] == "random"), None)  # None on ranks other than 0
+    if rand:
+        print(f"random policy, real game: {rand['real_mean']:+.2f} ± {rand['real_std']:.2f} "
+              f"over {args.eval_episodes} episodes")
 
     # -------------------------------------------------------------------------
     # loop: rollouts in the dream, PPO updates, the real game every --eval-every updates
     per_update = args.envs * args.rollout
     total_updates = -(-args.total_steps // per_update)
-    codes, _ = envs.reset(seed=args.seed + step)
+    if rank:  # the weights above came from one seed on every rank; from here the ranks dream and act apart
+        torch.manual_seed(args.seed + rank)
+    codes, _ = envs.reset(seed=args.seed + step + rank)
     codes = torch.as_tensor(codes, device=device)
-    state = dict(obs=codes[:, None].repeat(1, agent.stack, 1, 1), ended=np.zeros(args.envs, bool),
-                 returns=np.zeros(args.envs), finished=[])
+    state = dict(obs=codes[:, None].repeat(1, agent.stack, 1, 1), ended=np.zeros(n_envs, bool),
+                 returns=np.zeros(n_envs), finished=[])
     update_n = step // per_update
     bar = tqdm(total=total_updates * per_update, initial=step, desc=f"agent {name}", unit="step", smoothing=0.1)
     t_start, world_s, agent_s = time.time(), 0.0, 0.0
@@ -315,14 +322,14 @@ def main():
                 group["lr"] = args.lr * (1 - update_n / total_updates)
             t0 = time.perf_counter()
             batch, w = rollout(envs, agent, state, args.rollout, device)
-            stats = update(agent, opt, batch, args)
+            stats = update(agent, opt, batch, ranks, args)
             world_s, agent_s = world_s + w, agent_s + time.perf_counter() - t0 - w
             update_n, step = update_n + 1, step + per_update
             bar.update(per_update)
             dream = state["finished"][-50:]
             bar.set_postfix(dream_ret=f"{np.mean(dream):+.2f}" if dream else "-",
                             world=f"{world_s / (world_s + agent_s):.0%}", ent=f"{stats['ent']:.2f}")
-            if update_n % args.eval_every == 0 and update_n < total_updates:
+            if rank == 0 and update_n % args.eval_every == 0 and update_n < total_updates:
                 real_eval(update_n)
                 save()
     except KeyboardInterrupt:
@@ -331,6 +338,8 @@ def main():
         print(f"interrupted at step {step}: checkpoint saved to {out} (continue with --resume)", file=sys.stderr)
         sys.exit(130)
     bar.close()
+    if rank:
+        return
 
     # -------------------------------------------------------------------------
     # outputs

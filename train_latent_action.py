@@ -13,6 +13,7 @@ other (play.py, bench.py), and `play.py --latent-actions` fires them with the nu
 Examples:
   python collect.py --game Breakout && python train_vqvae.py --data data/breakout
   python train_latent_action.py --data data/breakout          # -> checkpoints/breakout/lam.pt
+  torchrun --nproc_per_node 2 train_latent_action.py --data data/breakout  # stage one on 2 processes
   python train_latent_action.py --data data/pong --latent-actions 64 --out checkpoints/pong/lam64.pt  # the leak
   python train_latent_action.py --data data/breakout --map-only --map-data data/breakout_human
   python play.py --world checkpoints/breakout/lam.pt --latent-actions
@@ -124,7 +125,7 @@ def pack(eps, device):
 def gather(data, idx, length, actions=False):
     """tokens (B, length, h, w) of the windows idx ((B, 2): episode, start), and the action taken
     at the last history frame."""
-    tok = common.take(data["tokens"], idx[:, 0], idx[:, 1], length)
+    tok = common.take(data["tokens"], idx[:, 0], idx[:, 1], length).long()
     if not actions:
         return tok
     return tok, common.take(data["actions"], idx[:, 0], idx[:, 1] + length - 2, 1)[:, 0]
@@ -305,7 +306,8 @@ def report(table, meanings, metrics):
 def main():
     args = p.parse_args()
     common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
+    rank, ranks, device = common.distributed(args.device)  # torchrun: one process per rank
+    rank_batch = common.per_rank(args.batch, ranks)
     name = os.path.basename(os.path.normpath(args.data))
     out = args.out or os.path.join("checkpoints", name, "lam.pt")
     prev = common.load_checkpoint(out, ("world",)) if (args.map_only or args.resume) else None
@@ -328,12 +330,12 @@ def main():
 
     # -------------------------------------------------------------------------
     # data: stage one reads token grids only; actions are loaded for the map and the eval
-    train, map_train, val = load_data(args, tok_path, tok, tck, prev, device)
+    train, map_train, val = common.rank_zero_first(rank, lambda: load_data(args, tok_path, tok, tck, prev, device))
     pool = common.windows([len(ep["tokens"]) for ep in train], T + K)
     vpool = common.windows([len(ep["tokens"]) for ep in val], T + 1)
     if not pool or not vpool:
         raise common.KitError(f"episodes are shorter than context + rollout ({T + K} frames): record longer ones")
-    g = np.random.default_rng(args.seed)
+    g = np.random.default_rng(args.seed + rank)  # each rank its own draws
     pick = np.random.default_rng(1234).choice(len(vpool), min(args.eval_windows, len(vpool)), replace=False)
     fixed = [vpool[i] for i in sorted(pick)]  # frozen validation transitions (seed 003's gold eval)
     grid = tuple(train[0]["tokens"].shape[1:])
@@ -371,6 +373,8 @@ def main():
 
     def save():
         watch.check(out)  # a NaN is never saved over the last good checkpoint
+        if rank:  # one writer
+            return
         common.save_checkpoint(out, dict(
             kind="world", model_args=model_args, model=lam.state_dict(), optimizer=opt.state_dict(),
             encoder_args=enc_args, encoder=enc.state_dict(), tokenizer_args=tck["model_args"],
@@ -392,11 +396,12 @@ def main():
             for group in opt.param_groups:
                 group["lr"] = lr
             tf = max(args.teacher_forcing, 1 - frac / 0.3)  # from 1 to its floor over the first 30%
-            tok_w = gather(train, pool[torch.from_numpy(g.integers(len(pool), size=args.batch)).to(device)], T + K)
+            tok_w = gather(train, pool[torch.from_numpy(g.integers(len(pool), size=rank_batch)).to(device)], T + K)
             loss = stage_one_loss(lam, enc, tok_w, T, K, tf, disc, args)
             read = watch(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            common.average_gradients(params, ranks)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
@@ -404,7 +409,7 @@ def main():
             if read:  # the loss leaves the device every few steps, not every step
                 watch.check(out)
                 bar.set_postfix(loss=f"{loss.item():.4f}", tf=f"{tf:.2f}")
-            if step % args.eval_every == 0 or step == args.steps:
+            if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
                 metrics = scores(lam, enc, val, fixed, T, device, mapped=False)
                 tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
                 save()
@@ -414,6 +419,8 @@ def main():
         print(f"interrupted at step {step}: checkpoint saved to {out} (continue with --resume)", file=sys.stderr)
         sys.exit(130)
     bar.close()
+    if rank:  # the map is small: rank 0 fits it alone
+        return
 
     # -------------------------------------------------------------------------
     # stage two: the map, then the scores with it, and the report

@@ -10,7 +10,9 @@ Examples:
   python train_vqvae.py --data data/breakout --steps 3000 --codes 128
   python train_vqvae.py --frame-space gray84x84 --hidden 32 --code-dim 128 --down 2
   python train_vqvae.py --resume                           # continue from --out
+  torchrun --nproc_per_node 2 train_vqvae.py               # 2 processes, same global --batch
 """
+import argparse
 import os
 import sys
 import time
@@ -56,6 +58,11 @@ p.add_argument("--seed", type=int, default=0, help="random seed")
 p.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
 p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on CUDA, not on CPU)")
 p.add_argument("--resume", action="store_true", help="continue from --out with its optimizer and step")
+p.add_argument("--workers", type=common.nonneg_int, default=common.STREAM_WORKERS,
+               help="processes that read and preprocess episodes beside training (0: in this one; "
+                    "default: a quarter of the cores, at most 4)")
+p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+               help="write the token cache train_world.py reads (--no-cache: tokenizer sweeps, benchmarks)")
 p.add_argument("--skip-bad", action="store_true", help="skip unreadable episode files instead of stopping")
 p.add_argument("--assets", default="assets", help="where the reconstruction PNG goes")
 common.renamed(p, "--latent", "--code-dim", type=common.positive_int)
@@ -98,22 +105,25 @@ def evaluate(model, val, device, batch=256):
 def main():
     args = p.parse_args()
     common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
+    rank, ranks, device = common.distributed(args.device)  # torchrun: one process per rank
+    rank_batch = common.per_rank(args.batch, ranks)
     name = os.path.basename(os.path.normpath(args.data))
     out = args.out or os.path.join("checkpoints", name, "vqvae.pt")
     if args.codes < 2:
         raise common.KitError("--codes must be at least 2")
 
     # -------------------------------------------------------------------------
-    # data: every frame of the training episodes; validation = held-out episodes
-    train, val, meta = common.load_dataset(args.data, args.frame_space, args.val_frac, args.seed, args.skip_bad)
-    X = torch.cat([ep["frames"] for ep in train])
-    V = torch.cat([ep["frames"] for ep in (val or train)])
-    pairs = torch.linspace(0, len(V) - 2, min(len(V) - 1, 512)).long()
-    V = torch.stack([V[pairs], V[pairs + 1]], 1).flatten(0, 1)  # consecutive frames, for stability
-    bg = X[torch.randperm(len(X))[:2000]].float().median(0).values.to(device)  # the static background
-    print(f"data: {len(X)} train frames ({len(train)} episodes), {len(V)} val frames ({len(val)} episodes), "
-          f"{meta['game']}, {args.frame_space}")
+    # data: frames streamed from the training episodes; validation = held-out episodes
+    train, val, meta = common.scan_dataset(args.data, args.val_frac, args.seed, args.skip_bad)
+    V = common.frame_runs(val or train, args.frame_space, 512, 2).flatten(0, 1)  # consecutive frames, for stability
+    few = [train[i] for i in np.random.default_rng(args.seed).permutation(len(train))[:8]]
+    bg = common.frame_runs(few, args.frame_space, 2000)[:, 0].float().median(0).values.to(device)  # the background
+    # every rank reads the same stream of global batches and trains on its slice: the run is the one
+    # process's, whatever the number of ranks (up to float rounding)
+    stream = common.frame_stream(train, args.frame_space, args.batch, 1, args.workers, args.seed, args.skip_bad)
+    mine = slice(rank * rank_batch, (rank + 1) * rank_batch)
+    print(f"data: {sum(n for _, n in train)} train frames ({len(train)} episodes, streamed by {args.workers} "
+          f"workers), {len(V)} val frames ({len(val)} episodes), {meta['game']}, {args.frame_space}")
 
     # -------------------------------------------------------------------------
     # model
@@ -134,6 +144,8 @@ def main():
 
     def save():
         watch.check(out)  # a NaN is never saved over the last good checkpoint
+        if rank:  # one writer
+            return
         common.save_checkpoint(out, dict(
             kind="vqvae", model_args=model_args, model=model.state_dict(), optimizer=opt.state_dict(),
             frame_space=args.frame_space, game=meta["game"], action_meanings=meta["action_meanings"],
@@ -141,22 +153,23 @@ def main():
 
     # -------------------------------------------------------------------------
     # loop
-    g = torch.Generator().manual_seed(args.seed)
     bar = tqdm(total=args.steps, initial=step, desc="vqvae", unit="step")
-    t0 = time.time()
+    t0, first = time.time(), step
     try:
         while step < args.steps:
-            x = X[torch.randint(len(X), (args.batch,), generator=g)].to(device)
+            x = next(stream)[mine, 0].to(device)
             w = 1 + args.fg_weight * ((x.float() - bg).abs().amax(1, keepdim=True) > 12).float()
             lr = args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / args.steps))
             for group in opt.param_groups:
                 group["lr"] = lr
             rec, idx, commit, z = fwd(x)
-            recon = (w * (rec - common.to_float(x)) ** 2).sum() / (w.sum() * x.shape[1])
+            # normalized by the global batch's weight: the ranks' mean gradient is the whole batch's
+            recon = (w * (rec - common.to_float(x)) ** 2).sum() * ranks / (common.all_sum(w.sum(), ranks) * x.shape[1])
             loss = recon + args.beta * commit
             read = watch(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            common.average_gradients(model.parameters(), ranks)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
@@ -165,8 +178,9 @@ def main():
                 watch.check(out)
                 bar.set_postfix(loss=f"{recon.item():.4f}")
             if step % args.reset_every == 0 and step < 0.8 * args.steps:
-                model.quantizer.reset_dead(z.detach(), F.max_pool2d(w - 1, 2 ** args.down)[:, 0])
-            if step % args.eval_every == 0 or step == args.steps:
+                model.quantizer.reset_dead(common.all_gather(z, ranks),
+                                           common.all_gather(F.max_pool2d(w - 1, 2 ** args.down)[:, 0], ranks))
+            if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
                 metrics = dict(recon=recon.item(), **evaluate(model, V, device))
                 tqdm.write(f"step {step}: recon {recon.item():.5f}  val PSNR {metrics['val_psnr']:.2f} dB  codes used "
                            f"{metrics['codes_used']}/{args.codes}  perplexity {metrics['perplexity']:.1f}  "
@@ -179,15 +193,18 @@ def main():
         print(f"interrupted at step {step}: checkpoint saved to {out} (continue with --resume)", file=sys.stderr)
         sys.exit(130)
     bar.close()
+    stream.close()  # its workers and their frames go before the cache is written
+    if rank:
+        return
 
     # -------------------------------------------------------------------------
     # outputs: the token cache (the reconstruction grid is written at every eval)
-    files = common.episode_files(args.data)
-    common.token_cache(args.data, out, model, args.frame_space, device, meta["game"], args.skip_bad,
-                       frames={ep["file"]: ep["frames"] for ep in train + val})
-    print(f"trained {step} steps in {(time.time() - t0) / 60:.1f} min: val PSNR "
-          f"{metrics.get('val_psnr', float('nan')):.2f} dB, {metrics.get('codes_used')} codes used; wrote {out}, {png} "
-          f"and the token cache for {len(files)} episodes")
+    seconds = max(time.time() - t0, 1e-9)
+    if args.cache:
+        common.token_cache(args.data, out, model, args.frame_space, device, meta["game"], args.skip_bad, read=False)
+    print(f"trained {step} steps in {seconds / 60:.1f} min ({(step - first) / seconds:.1f} steps/s): val PSNR "
+          f"{metrics.get('val_psnr', float('nan')):.2f} dB, {metrics.get('codes_used')} codes used; wrote {out}, {png}"
+          + (f" and the token cache for {len(train) + len(val)} episodes" if args.cache else ""))
 
 
 if __name__ == "__main__":

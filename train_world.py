@@ -13,6 +13,7 @@ Examples:
   python train_world.py --steps 4000 --dim 128            # longer, wider
   python train_world.py --resume --steps 6000             # continue with optimizer and step
   python train_world.py --arch attn --dim 128 --blocks 4  # the attention layout of the README
+  torchrun --nproc_per_node 2 train_world.py              # 2 processes, same global --batch
 """
 import argparse
 import os
@@ -97,7 +98,7 @@ def batch(data, idx, T, K, past=0, unknown=0):
     before the episode starts) and the K of the steps, targets (B, K, h, w) of the windows idx
     ((B, 2) long: episode, start), and the memory at the last history frame (B, h, w), or None."""
     ep, s = idx[:, 0], idx[:, 1]
-    tok = common.take(data["tokens"], ep, s, T + K)
+    tok = common.take(data["tokens"], ep, s, T + K).long()
     act = common.take(data["actions"], ep, s + T - 1 - past, past + K, fill=unknown)
     age = common.take(data["ages"], ep, s + T - 1, 1)[:, 0].long() if "ages" in data else None
     return tok[:, :T], act, tok[:, T:], age
@@ -137,16 +138,16 @@ def token_loss(dyn, hist, act, tgt, age, tf, emb, disc, args):
     return loss
 
 
-def outcome_loss(heads, data, transitions, events, g, args):
-    """The heads' loss on a batch of 2 x --batch transitions, --event-share of them drawn from
+def outcome_loss(heads, data, transitions, events, g, batch, args):
+    """The heads' loss on 2 x `batch` transitions (a rank's share of --batch), --event-share of them drawn from
     `events` (those near a reward or an end): cross-entropy of the reward's sign, and of the end.
     transitions and events: (n, 2) long on the device, (episode, step)."""
-    n = 2 * args.batch
+    n = 2 * batch
     k = round(n * args.event_share) if len(events) else 0
     pick = lambda rows, m: rows[torch.from_numpy(g.integers(len(rows), size=m)).to(rows.device)]
     idx = torch.cat([pick(transitions, n - k), pick(events, k)])
     ep, j = idx[:, 0], idx[:, 1]
-    tokens = common.take(data["tokens"], ep, j + 2 - heads.frames, heads.frames)
+    tokens = common.take(data["tokens"], ep, j + 2 - heads.frames, heads.frames).long()
     sign = common.take(data["rewards"], ep, j, 1)[:, 0].sign().long() + 1
     end = common.take(data["terminated"], ep, j, 1)[:, 0].float()
     logits = heads(tokens)
@@ -196,7 +197,8 @@ def evaluate(wm, val, fixed):
 def main():
     args = p.parse_args()
     common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
+    rank, ranks, device = common.distributed(args.device)  # torchrun: one process per rank
+    rank_batch = common.per_rank(args.batch, ranks)
     name = os.path.basename(os.path.normpath(args.data))
     tok_path = args.tokenizer or os.path.join("checkpoints", name, "vqvae.pt")
     out = args.out or os.path.join("checkpoints", name, "world.pt")
@@ -206,7 +208,8 @@ def main():
     # data: cached tokens for every episode, frames only for validation
     tok, tck = common.load_tokenizer(tok_path)
     tok_key, space, meanings = common.file_key(tok_path), tck["frame_space"], tck["action_meanings"]
-    tokens = common.token_cache(args.data, tok_path, tok, space, device, tck["game"], args.skip_bad)
+    tokens = common.rank_zero_first(rank, lambda: common.token_cache(args.data, tok_path, tok, space, device,
+                                                                      tck["game"], args.skip_bad))
     train, val = common.coded_episodes(args.data, tokens, "tokens", space, args.val_frac, args.seed)
     if args.arch != "conv":  # the attention layout is kept as it was measured: one action, no memory
         args.memory, args.masked, args.actions = 0, False, 1
@@ -230,6 +233,7 @@ def main():
     print(f"data: {sum(len(e['actions']) for e in train)} train transitions ({len(train)} episodes, {len(paid)} "
           f"with a reward or an end), {len(val)} val episodes, {len(fixed)} frozen eval windows; token grid {grid}")
     data = pack(train, device)  # on the device once: batches are gathered there
+    del train, tokens  # the packed copy is the only one kept
     pool, transitions, events = (torch.tensor(rows, dtype=torch.long, device=device).view(-1, 2)
                                  for rows in (pool, transitions, events))
 
@@ -268,6 +272,8 @@ def main():
 
     def save():
         watch.check(out)  # a NaN is never saved over the last good checkpoint
+        if rank:  # one writer
+            return
         common.save_checkpoint(out, dict(
             kind="world", model_args=model_args, model=dyn.state_dict(), optimizer=opt.state_dict(),
             tokenizer_args=tck["model_args"], tokenizer=tok.state_dict(), tokenizer_path=tok_path,
@@ -277,7 +283,7 @@ def main():
 
     # -------------------------------------------------------------------------
     # loop: K-step rollouts on the model's own predictions, with scheduled teacher forcing
-    g, g_heads = np.random.default_rng(args.seed), np.random.default_rng(args.seed + 1)
+    g, g_heads = np.random.default_rng(args.seed + 2 * rank), np.random.default_rng(args.seed + 1 + 2 * rank)
     disc = torch.tensor([args.discount ** k for k in range(K)])
     disc = disc / disc.sum()  # normalized discounted loss (seed 003)
     bar = tqdm(total=args.steps, initial=step, desc="world", unit="step")
@@ -289,7 +295,7 @@ def main():
             for group in opt.param_groups:
                 group["lr"] = lr
             tf = max(args.teacher_forcing, 1 - frac / 0.3)  # from 1 to its floor over the first 30%
-            idx = pool[torch.from_numpy(g.integers(len(pool), size=args.batch)).to(device)]
+            idx = pool[torch.from_numpy(g.integers(len(pool), size=rank_batch)).to(device)]
             hist, act, tgt, age = batch(data, idx, T, K, args.actions - 1, len(meanings))
             # some windows remember only themselves, as a dream started from real frames does
             fresh = torch.rand(len(hist), 1, 1, device=device) < args.fresh_starts
@@ -298,10 +304,11 @@ def main():
             act[:, :args.actions - 1] = torch.where(fresh[:, :, 0], len(meanings), act[:, :args.actions - 1])
             loss = token_loss(fwd, hist, act, tgt, age, tf, emb, disc, args)
             if heads:
-                loss = loss + outcome_loss(heads, data, transitions, events, g_heads, args)
+                loss = loss + outcome_loss(heads, data, transitions, events, g_heads, rank_batch, args)
             read = watch(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            common.average_gradients(opt.param_groups[0]["params"], ranks)
             torch.nn.utils.clip_grad_norm_(dyn.parameters(), 1.0)
             opt.step()
             step += 1
@@ -309,7 +316,7 @@ def main():
             if read:  # the loss leaves the device every few steps, not every step
                 watch.check(out)
                 bar.set_postfix(loss=f"{loss.item():.4f}", tf=f"{tf:.2f}")
-            if step % args.eval_every == 0 or step == args.steps:
+            if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
                 metrics = evaluate(wm, val, fixed)
                 tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
                 save()
@@ -319,6 +326,8 @@ def main():
         print(f"interrupted at step {step}: checkpoint saved to {out} (continue with --resume)", file=sys.stderr)
         sys.exit(130)
     bar.close()
+    if rank:
+        return
 
     # -------------------------------------------------------------------------
     # outputs

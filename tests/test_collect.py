@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 from conftest import PONG_DATA_ARGS, ROOT, describe, run_script
@@ -403,29 +404,92 @@ def test_bad_input_is_one_error_line(tmp_path, monkeypatch, capfd, args, message
 # -----------------------------------------------------------------------------
 # 7. corrupt and missing data
 
-def test_load_dataset_names_corrupt_file(pong_data, tmp_path, capsys):
+def test_scan_dataset_names_corrupt_file(pong_data, tmp_path, capsys):
     good = episodes(pong_data)[0]
     shutil.copy(good, tmp_path / "ep_000000.npz")
     data = good.read_bytes()
     (tmp_path / "ep_000001.npz").write_bytes(data[:len(data) // 2])
     with pytest.raises(common.KitError) as e:
-        common.load_dataset(tmp_path, "rgb84x64", progress=False)
+        common.scan_dataset(tmp_path)
     assert "ep_000001.npz" in str(e.value) and "--skip-bad" in str(e.value)
     assert "ep_000000.npz" not in str(e.value)
 
-    train, val, meta = common.load_dataset(tmp_path, "rgb84x64", skip_bad=True, progress=False)
-    eps = train + val
-    assert [ep["file"] for ep in eps] == ["ep_000000.npz"] and train
-    assert eps[0]["frames"].shape == (101, 3, 84, 64) and eps[0]["actions"].shape == (100,)
+    train, val, meta = common.scan_dataset(tmp_path, skip_bad=True)
+    assert train + val == [(str(tmp_path / "ep_000000.npz"), 101)] and train
     assert meta["game"] == "ALE/Pong-v5" and meta["action_meanings"] == PONG_MEANINGS
     assert "ep_000001.npz" in capsys.readouterr().err
 
 
-def test_load_dataset_empty_or_missing_folder(tmp_path):
+def test_scan_dataset_empty_or_missing_folder(tmp_path):
     with pytest.raises(common.KitError, match="no episodes"):
-        common.load_dataset(tmp_path, "rgb84x64", progress=False)
+        common.scan_dataset(tmp_path)
     with pytest.raises(common.KitError, match="no dataset folder"):
-        common.load_dataset(tmp_path / "missing", "rgb84x64", progress=False)
+        common.scan_dataset(tmp_path / "missing")
+
+
+def corrupt_frames(src, dst):
+    """A copy of episode `src` whose small entries read and whose frames do not."""
+    import zipfile
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        info = z.getinfo("frames.npy")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    data[start + 200:start + 400] = bytes(200)
+    dst.write_bytes(bytes(data))
+
+
+def test_frame_stream_draws_runs_of_real_frames(pong_data, tmp_path):
+    train, val, _ = common.scan_dataset(pong_data)
+    frames = {f: common.preprocess(common.load_episode(f)["frames"], "rgb84x64") for f, _ in train + val}
+    batches = common.frame_stream(train, "rgb84x64", 5, length=3, workers=0, seed=1)
+    x = next(batches)
+    assert x.shape == (5, 3, 3, 84, 64) and x.dtype == torch.uint8
+    for run in x:  # three consecutive frames of one training episode
+        assert any(torch.equal(run, frames[f][s:s + 3]) for f, n in train for s in range(n - 2))
+    again = next(common.frame_stream(train, "rgb84x64", 5, length=3, workers=0, seed=1))
+    assert torch.equal(x, again)  # one seed, one stream
+    assert not torch.equal(x, next(common.frame_stream(train, "rgb84x64", 5, length=3, workers=0, seed=2)))
+    runs = common.frame_runs(val or train, "rgb84x64", 4, length=2)
+    first = frames[(val or train)[0][0]]
+    assert runs.shape == (4, 2, 3, 84, 64) and torch.equal(runs[0], first[:2])
+
+
+def test_frame_stream_reads_the_same_batches_in_a_worker_as_in_process(pong_data):
+    train, val, _ = common.scan_dataset(pong_data)
+    here = common.frame_stream(train + val, "rgb84x64", 6, length=2, workers=0, seed=3)
+    worker = common.frame_stream(train + val, "rgb84x64", 6, length=2, workers=1, seed=3)
+    for _ in range(5):
+        assert torch.equal(next(here), next(worker))
+    worker.close()
+
+
+def test_frame_stream_holds_at_most_hold_frames_and_swaps_episodes(pong_data, monkeypatch):
+    eps = sum(common.scan_dataset(pong_data)[:2], [])
+    frames = {f: common.preprocess(common.load_episode(f)["frames"], "rgb84x64") for f, _ in eps}
+    loads, read = [], common.load_episode
+    monkeypatch.setattr(common, "load_episode", lambda f, keys=None: loads.append(f) or read(f, keys))
+    stream = iter(common.FrameStream(eps, "rgb84x64", 4, seed=0, hold=1, turn=2))  # one episode at a time
+    for n in range(8):
+        x = next(stream)
+        assert len(loads) == n // 2 + 1  # the first batch reads one, then a swap every 2 batches
+        assert all(any(torch.equal(f, g) for g in frames[loads[-1]]) for f in x[:, 0])  # only the held one
+    assert len(set(loads)) > 1
+
+
+def test_frame_stream_names_a_file_whose_frames_do_not_read(pong_data, tmp_path, capsys):
+    good = episodes(pong_data)[0]
+    shutil.copy(good, tmp_path / "ep_000000.npz")
+    corrupt_frames(good, tmp_path / "ep_000001.npz")
+    train, val, _ = common.scan_dataset(tmp_path)  # the small entries still read
+    both = train + val
+    assert len(both) == 2
+    stream = common.frame_stream(both, "rgb84x64", 2, workers=0, seed=0)
+    with pytest.raises(common.KitError, match="ep_000001.npz.*--skip-bad"):
+        for _ in range(3):  # the stream opens one more episode per batch
+            next(stream)
+    stream = common.frame_stream(both, "rgb84x64", 2, workers=0, seed=0, skip_bad=True)
+    assert all(next(stream).shape == (2, 1, 3, 84, 64) for _ in range(40))
+    assert "skipping" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
@@ -445,6 +509,14 @@ def test_preprocess_shapes_and_range(pong_data):
         assert torch.equal(common.preprocess(torch.from_numpy(frames[:3]), space), x[:3])
     with pytest.raises(common.KitError):
         common.preprocess(frames[:1], "rgb64x64")
+
+
+def test_preprocess_in_integers_is_the_float_area_resampling(pong_data):
+    frames = torch.from_numpy(load(episodes(pong_data)[-1])["frames"])
+    noise = torch.randint(0, 256, (64, 210, 160, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for x in (frames, noise):
+        area = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(84, 64), mode="area")
+        assert torch.equal(common.preprocess(x, "rgb84x64", chunk=50), area.round().to(torch.uint8))
 
 
 def raw_pong_frames(steps=300):

@@ -82,7 +82,7 @@ def test_training_losses_on_meta():
     heads = common.Outcome(n_codes=CODES, grid=GRID).to(META)
     import numpy as np
     rows = torch.tensor([[0, 1], [1, 2], [1, 5]], device=META)
-    loss = loss + train_world.outcome_loss(heads, data, rows, rows[:1], np.random.default_rng(0), args)
+    loss = loss + train_world.outcome_loss(heads, data, rows, rows[:1], np.random.default_rng(0), args.batch, args)
     backward(loss)
 
     largs = train_latent_action.p.parse_args([])
