@@ -34,6 +34,7 @@ and how well the paddle follows the keys, and writes assets/<game>_long_dream.gi
 import argparse
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -95,6 +96,18 @@ def bench_collect(args):
             env.reset()
     kit = steps / (time.perf_counter() - t)
     print(f"kit env (common.make_env: max-pooled frames, no recording): {kit:.0f} steps/s, {kit / raw:.0%} of raw")
+    # ale-py's own vector env (C++ threads), the alternative to collect.py's processes, on the same frames
+    from ale_py.vector_env import AtariVectorEnv
+    n, rom = os.cpu_count(), re.sub(r"(?<!^)(?=[A-Z])", "_", common.resolve_game(args.game)[4:-3]).lower()
+    env = AtariVectorEnv(rom, n, img_height=210, img_width=160, grayscale=False, stack_num=1, frameskip=4,
+                         maxpool=True, noop_max=0, reward_clipping=False, use_fire_reset=False)
+    env.reset(seed=0)
+    t = time.perf_counter()
+    for _ in range(steps // n):
+        env.step(rng.integers(env.single_action_space.n, size=n))
+    print(f"ale_py AtariVectorEnv, {n} emulators (210x160 RGB, max-pooled, no recording): "
+          f"{steps // n * n / (time.perf_counter() - t):.0f} steps/s")
+    env.close()
     print("| policy | steps/s (recorded to disk) | share of raw |\n|---|---|---|")
     for policy, envs in (("random", 1), ("sticky", 1), ("tracker", 1), ("mix", 1), ("mix", os.cpu_count())):
         out = tempfile.mkdtemp()

@@ -23,6 +23,7 @@ Read it top to bottom once; the scripts are thin on purpose.
 import argparse
 import atexit
 import ctypes
+import datetime
 import difflib
 import functools
 import glob
@@ -59,6 +60,9 @@ def run(main):
     lands outside a script's own handler (loading data, say) into a quiet exit 130."""
     try:
         main()
+        if dist.is_initialized():  # torchrun: the ranks leave together, once rank 0 has written
+            dist.barrier()
+            dist.destroy_process_group()
         return
     except KitError as e:
         error = str(e)
@@ -221,12 +225,12 @@ def distributed(name=None):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    try:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:  # rank 0 alone writes the caches while the others wait (8 minutes for a million frames on 2 cores)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     except (ValueError, RuntimeError) as e:  # RANK set by hand, or a rendezvous that never answers
         raise KitError(f"cannot join the torchrun process group ({first_line(e)}): launch with "
                        f"torchrun --nproc_per_node N, or unset RANK to run one process") from None
-    atexit.register(dist.destroy_process_group)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # an error's way out
     if rank:
         import tqdm
         sys.stdout = open(os.devnull, "w")
@@ -786,7 +790,7 @@ def frame_runs(episodes, space, n, length=1, most=16):
     return torch.cat(out)
 
 
-def _release_heap():
+def release_heap():
     """Hand freed heap back to the OS. Decoding an episode frees ~0.3 GB of temporaries that
     glibc keeps in its arenas, and a worker holding 0.5 GB of frames was measured at 2 GB
     without this. A no-op off glibc."""
@@ -832,7 +836,7 @@ class FrameStream(torch.utils.data.IterableDataset):
                     bad.add(i)
                     continue
                 held = held[int(not growing):] + [(i, frames)]  # a swap drops the oldest
-                _release_heap()
+                release_heap()
             if not held:
                 yield KitError("no readable episodes to stream")
                 return

@@ -234,6 +234,7 @@ def main():
           f"with a reward or an end), {len(val)} val episodes, {len(fixed)} frozen eval windows; token grid {grid}")
     data = pack(train, device)  # on the device once: batches are gathered there
     del train, tokens  # the packed copy is the only one kept
+    common.release_heap()
     pool, transitions, events = (torch.tensor(rows, dtype=torch.long, device=device).view(-1, 2)
                                  for rows in (pool, transitions, events))
 

@@ -178,7 +178,7 @@ def test_bench_runs(models, tmp_path):
     assert "| 30 |" in r.stdout and "paddle error @10" in r.stdout and "steps/s eager" in r.stdout
     r = run_script("bench.py", "collect", "--steps", "100", timeout=300)
     assert r.returncode == 0, describe(r)
-    assert "raw emulator" in r.stdout and "| tracker |" in r.stdout
+    assert "raw emulator" in r.stdout and "AtariVectorEnv" in r.stdout and "| tracker |" in r.stdout
 
 
 def test_ctrl_c_keeps_a_resumable_checkpoint(models, tmp_path):
