@@ -8,8 +8,9 @@
                         agent (Agent, AgentPolicy: train_agent.py)
   3. frames             FRAME_SPACES, preprocess, to_image, to_float / to_uint8, stack_frames
   4. files              episodes, the train/validation split, scan_dataset, frame_runs,
-                        FrameStream (frames read as training needs them), checkpoints, the token
-                        and latent caches, windows, pack/take (batches gathered on the device)
+                        background, FrameStream (frames read as training needs them),
+                        checkpoints, the token and latent caches, windows, pack/take (batches
+                        gathered on the device)
   5. tokenizers         VQVAE (discrete, seed 003), ConvAE (continuous, seeds 000 and 004)
   6. dynamics           TokenDynamics (conv), TokenAttention, Outcome (reward and end heads),
                         LatentMLP, LatentGRU, LatentActionDynamics, make_dynamics
@@ -608,13 +609,13 @@ def frame_shape(space):
     return FRAME_SPACES[space]
 
 
-@torch.no_grad()
 def _fifths(x, dim):
     """Sums of 5 -> 2 along dim, over raw pixels 0-2 and 2-4: area resampling's windows at 2.5x."""
     s = lambda i: x.narrow(dim, i, x.shape[dim] - 4)[(slice(None),) * dim + (slice(None, None, 5),)]
     return torch.stack([s(0) + s(1) + s(2), s(2) + s(3) + s(4)], dim + 1).flatten(dim, dim + 1)
 
 
+@torch.no_grad()
 def preprocess(frames, space, chunk=512):
     """(N, 210, 160, 3) uint8 (numpy or torch) -> (N, C, H, W) uint8 torch, on the CPU.
 
@@ -788,6 +789,13 @@ def frame_runs(episodes, space, n, length=1, most=16):
     if not out:
         raise KitError(f"no episode holds {length} frames")
     return torch.cat(out)
+
+
+def background(episodes, space, seed=0):
+    """The static background, (C, H, W) float: the median of 2000 frames of 8 random episodes
+    ((file, frames) pairs). The tokenizers' trainers weight the pixels that differ from it."""
+    few = [episodes[i] for i in np.random.default_rng(seed).permutation(len(episodes))[:8]]
+    return frame_runs(few, space, 2000)[:, 0].float().median(0).values
 
 
 def release_heap():

@@ -141,8 +141,7 @@ def train_autoencoder(args, out, name, device, rank, ranks):
     if not any(n >= S for _, n in train) or not any(n >= S for _, n in val or train):
         raise common.KitError(f"episodes in {args.data} are shorter than --stack {S} frames")
     V = common.frame_runs(val or train, args.frame_space, 512, S).flatten(1, 2)  # stacks: S frames as channels
-    few = [train[i] for i in np.random.default_rng(args.seed).permutation(len(train))[:8]]
-    bg = common.frame_runs(few, args.frame_space, 2000)[:, 0].float().median(0).values.repeat(S, 1, 1).to(device)
+    bg = common.background(train, args.frame_space, args.seed).repeat(S, 1, 1).to(device)
     # every rank reads the same stream of global batches and trains on its slice: the run is the one
     # process's, whatever the number of ranks (up to float rounding; a VAE draws its own noise)
     stream = common.frame_stream(train, args.frame_space, args.batch, S, args.workers, args.seed, args.skip_bad)

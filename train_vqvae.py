@@ -116,8 +116,7 @@ def main():
     # data: frames streamed from the training episodes; validation = held-out episodes
     train, val, meta = common.scan_dataset(args.data, args.val_frac, args.seed, args.skip_bad)
     V = common.frame_runs(val or train, args.frame_space, 512, 2).flatten(0, 1)  # consecutive frames, for stability
-    few = [train[i] for i in np.random.default_rng(args.seed).permutation(len(train))[:8]]
-    bg = common.frame_runs(few, args.frame_space, 2000)[:, 0].float().median(0).values.to(device)  # the background
+    bg = common.background(train, args.frame_space, args.seed).to(device)
     # every rank reads the same stream of global batches and trains on its slice: the run is the one
     # process's, whatever the number of ranks (up to float rounding)
     stream = common.frame_stream(train, args.frame_space, args.batch, 1, args.workers, args.seed, args.skip_bad)
