@@ -7,6 +7,7 @@ Examples:
   python collect.py                                        # Pong, mix policy, 20k steps -> data/pong/
   python collect.py --game Breakout --policy tracker --steps 50000 --seed 1
   python collect.py --game SpaceInvaders --policy sticky --out data/si
+  python collect.py --game Pong,Breakout,SpaceInvaders     # each game into its own folder, data/<game>/
   python collect.py --policy human --steps 3000            # you play, at 15 FPS, arrows + space
   python collect.py --policy agent:checkpoints/pong/agent.pt --out data/pong2   # the agent train_agent.py made
   python collect.py --agent checkpoints/pong/agent.pt      # mix, the agent in place of the tracker
@@ -33,15 +34,16 @@ import common
 # flags
 
 p = common.flags(__doc__)
-p.add_argument("--game", default="Pong", help="ALE game: short name (Pong, Breakout, ...) or full id (ALE/Pong-v5)")
-p.add_argument("--steps", type=common.positive_int, default=20000, help="transitions to record in total")
+p.add_argument("--game", default="Pong",
+               help="ALE game: short name (Pong, Breakout, ...) or full id (ALE/Pong-v5); a comma list records each")
+p.add_argument("--steps", type=common.positive_int, default=20000, help="transitions to record in total (per game)")
 p.add_argument("--policy", default="mix", type=common.policy_flag("random", "sticky", "tracker", "human", "mix"),
                help="who plays: uniform random, held random actions, RAM ball-tracker, you, a mix, or agent:PATH "
                     "(an agent from train_agent.py)")
 p.add_argument("--mix", default="0.5,0.3,0.2", help="mix policy weights: tracker,sticky,random")
 p.add_argument("--agent", default=None, help="mix: this train_agent.py agent plays the tracker's share")
 p.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical episodes")
-p.add_argument("--out", default=None, help="output folder (default: data/<game>)")
+p.add_argument("--out", default=None, help="output folder (default: data/<game>; several games: OUT/<game>)")
 p.add_argument("--max-episode-steps", type=common.positive_int, default=1000,
                help="truncate longer episodes; short episodes give more varied starts and a real validation split")
 p.add_argument("--sticky", type=common.probability, default=0.0,
@@ -196,8 +198,20 @@ def main():
         raise common.KitError(f"--agent plays a share of --policy mix; the agent alone is --policy agent:{args.agent}")
     if args.agent or args.policy.startswith("agent:"):
         torch.set_num_threads(1)  # the agent acts at batch 1 beside the writer thread: a 2nd torch thread stalls
+    games = [common.resolve_game(g.strip()) for g in args.game.split(",")]
+    if len(set(games)) < len(games):
+        raise common.KitError(f"--game {args.game} names a game twice")
+    if len(games) > 1 and (args.agent or args.policy.startswith("agent:") or args.policy == "human"):
+        raise common.KitError("an agent or a human plays one game: record several games with another --policy")
+    for game in games:  # one after another, each into its own folder, as if collected alone
+        args.game = game
+        record(args, mix, os.path.join(args.out, game[4:-3].lower()) if args.out and len(games) > 1 else args.out)
+
+
+def record(args, mix, out):
+    """Record args.steps transitions of args.game into `out` (None: data/<game>)."""
     env = common.make_env(args.game, sticky=args.sticky)
-    out = args.out or os.path.join("data", env.game[4:-3].lower())
+    out = out or os.path.join("data", env.game[4:-3].lower())
     try:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, ".write-test"), "w"):

@@ -3,7 +3,8 @@
   1. running a script   KitError, run, flags() and its type checks, pick_device, compiled,
                         seed_everything, LossWatch, resume; torchrun: distributed, per_rank,
                         rank_zero_first, all_sum, all_gather, average_gradients
-  2. the game           make_env (every script and evaluation plays through it), the keyboard,
+  2. the game           make_env (every script and evaluation plays through it), ALE's 18 actions
+                        (full_actions, trained_games: models of several games), the keyboard,
                         check_display, the policies (random, sticky, tracker, mix), the trained
                         agent (Agent, AgentPolicy: train_agent.py)
   3. frames             FRAME_SPACES, preprocess, to_image, to_float / to_uint8, stack_frames
@@ -17,7 +18,8 @@
   7. the world contract load_world -> context, observe, reset, step (+ reward, terminated); the
                         batched core under it; the dream as a gymnasium env: DreamEnv
                         ("AtariDream-v0"), DreamVecEnv
-  8. scoring            psnr, the Pong objects and their scores, open_loop, outcome_scores, dream_gif
+  8. scoring            psnr, the Pong, Breakout and SpaceInvaders objects and their scores, open_loop,
+                        outcome_scores, dream_gif
 
 Read it top to bottom once; the scripts are thin on purpose.
 """
@@ -348,6 +350,21 @@ def make_env(game, seed=None, sticky=0.0, frameskip=4):
     return env
 
 
+FULL_ACTIONS = tuple(a.name for a in ale_py.Action)  # ALE's 18 actions, in full_action_space=True order
+
+
+def full_actions(meanings):
+    """A game's minimal action meanings -> their indices among ALE's 18: the one action space
+    that several games share in a joint model (seed 004)."""
+    return [FULL_ACTIONS.index(m) for m in meanings]
+
+
+def trained_games(ck):
+    """The games a tokenizer or world checkpoint was trained on -> {game id: its minimal action
+    meanings}, in the order of the model's game input."""
+    return dict(ck["games"]) if "games" in ck else {ck["game"]: [str(m) for m in ck["action_meanings"]]}
+
+
 # -----------------------------------------------------------------------------
 # keyboard: the keymap comes from the game's action meanings (collect --policy human, play.py)
 
@@ -417,14 +434,22 @@ class StickyPolicy:
         return self.a
 
 
-class TrackerPolicy:
-    """A scripted player that follows the ball using the emulator RAM (Pong, Breakout).
+SPACE_INVADERS_CANNON = (185, 195)   # raw rows of the player's cannon
+SPACE_INVADERS_FIELD = (31, 155)     # raw rows the invaders march in, above the bunkers
+SPACE_INVADERS_GREEN = (50, 132, 50)  # the cannon (and the player's score)
+SPACE_INVADERS_SHOT = (142, 142, 142)
+SPACE_INVADERS_DANGER = 150           # shots below this raw row reach the cannon within a few steps
 
-    It plays the role the seeds give a trained DQN agent: it reaches rallies and broken
-    bricks that random play never sees. RAM offsets were checked against the pixels
+
+class TrackerPolicy:
+    """A scripted player: it follows the ball using the emulator RAM (Pong, Breakout), or stands
+    under the nearest invader and shoots (SpaceInvaders, from the frame it is shown).
+
+    It plays the role the seeds give a trained DQN agent: it reaches rallies, broken bricks and
+    later waves that random play never sees. RAM offsets were checked against the pixels
     (tests/test_collect.py). `eps` random actions keep it from being perfectly predictable."""
 
-    GAMES = ("ALE/Pong-v5", "ALE/Breakout-v5")
+    GAMES = ("ALE/Pong-v5", "ALE/Breakout-v5", "ALE/SpaceInvaders-v5")
 
     def __init__(self, game, meanings, rng, eps=0.05):
         self.game, self.rng, self.eps = game, rng, eps
@@ -434,6 +459,8 @@ class TrackerPolicy:
         ram = env.ale.getRAM()
         if self.rng.random() < self.eps:
             return int(self.rng.integers(len(self.idx)))
+        if self.game == "ALE/SpaceInvaders-v5":
+            return self.aim(obs)
         if self.game == "ALE/Pong-v5":
             if ram[54] == 0:  # ball not in play
                 return self.idx["NOOP"]
@@ -445,6 +472,25 @@ class TrackerPolicy:
             return self.idx["FIRE"]
         d = (int(ram[99]) - 48) - (int(ram[72]) - 39)
         return self.idx["RIGHT"] if d > 4 else self.idx["LEFT"] if d < -4 else self.idx["NOOP"]
+
+    def aim(self, obs):
+        """SpaceInvaders: the cannon (green, raw rows 185-194) under the nearest column of invaders
+        (anything drawn between the top score and the bunkers but the grey shots), firing. The RAM
+        keeps the invaders as a bitmask per row and a formation offset; the pixels are simpler."""
+        cannon = np.nonzero(np.all(obs[SPACE_INVADERS_CANNON[0]:SPACE_INVADERS_CANNON[1]] == SPACE_INVADERS_GREEN,
+                                   axis=-1).any(0))[0]
+        field = obs[SPACE_INVADERS_FIELD[0]:SPACE_INVADERS_FIELD[1]]
+        invaders = np.nonzero((field.any(-1) & ~np.all(field == SPACE_INVADERS_SHOT, axis=-1)).any(0))[0]
+        if not len(cannon) or not len(invaders):
+            return self.idx["FIRE"]
+        x = cannon.mean()
+        shots = np.nonzero(np.all(obs[SPACE_INVADERS_DANGER:SPACE_INVADERS_CANNON[0]] == SPACE_INVADERS_SHOT,
+                                  axis=-1).any(0))[0]
+        near = shots[np.abs(shots - x) < 8]
+        if len(near):  # a shot coming down on the cannon: step away from it first
+            return self.idx["LEFTFIRE"] if near.mean() > x else self.idx["RIGHTFIRE"]
+        d = invaders[np.argmin(np.abs(invaders - x))] - x
+        return self.idx["RIGHTFIRE"] if d > 2 else self.idx["LEFTFIRE"] if d < -2 else self.idx["FIRE"]
 
 
 class MixPolicy:
@@ -480,7 +526,8 @@ def make_policy(name, env, rng, mix_weights=(0.5, 0.3, 0.2), warn=True, agent=No
         if has_tracker:
             return TrackerPolicy(env.game, env.action_meanings, rng)
         if warn:
-            print(f"warning: no tracker for {env.game} (only Pong, Breakout); using sticky", file=sys.stderr)
+            print(f"warning: no tracker for {env.game} (only Pong, Breakout, SpaceInvaders); using sticky",
+                  file=sys.stderr)
         return StickyPolicy(n, rng)
     if name == "mix":
         w_track, w_sticky, w_rand = mix_weights
@@ -925,8 +972,10 @@ def _encoded(data_dir, tok_path, encode, space, game, skip_bad, name, read=True)
     that the dynamics never re-encode frames. A cache built by another tokenizer is detected and
     rebuilt; episodes added since are encoded and appended. The file is written one episode at
     a time while two threads decode the next ones: memory holds three episodes, not the
-    dataset. -> {file name: array}, or None where the caller only wants the file (`read`)."""
+    dataset. `game`: the tokenizer's game, or its games (trained_games). -> {file name: array},
+    or None where the caller only wants the file (`read`)."""
     from tqdm import tqdm
+    games = [game] if isinstance(game, str) else list(game)
     key, path = file_key(tok_path), os.path.join(data_dir, f"{name}.npz")
     files = episode_files(data_dir)
     # an episode re-recorded under the same name has another size or mtime: encode it again
@@ -948,7 +997,7 @@ def _encoded(data_dir, tok_path, encode, space, game, skip_bad, name, read=True)
             ep = load_episode(f, keys=["frames", "game"])
         except KitError as e:
             return e
-        return str(ep["game"]), preprocess(ep["frames"], space) if str(ep["game"]) == game else None
+        return str(ep["game"]), preprocess(ep["frames"], space) if str(ep["game"]) in games else None
 
     def write(fo):
         with zipfile.ZipFile(fo, "w") as zf, ThreadPoolExecutor(2) as pool:
@@ -969,7 +1018,7 @@ def _encoded(data_dir, tok_path, encode, space, game, skip_bad, name, read=True)
                         continue
                     raise KitError(f"{got} (use --skip-bad to go on without it)")
                 if got[1] is None:
-                    raise KitError(f"tokenizer {tok_path} was trained on {game}, {f} is {got[0]}")
+                    raise KitError(f"tokenizer {tok_path} was trained on {', '.join(games)}, {f} is {got[0]}")
                 _put(zf, os.path.basename(f), encode(got[1]))
                 _put(zf, f"{os.path.basename(f)}.sig", np.array(sig[os.path.basename(f)]))
 
@@ -1279,13 +1328,16 @@ class TokenDynamics(nn.Module):
     longer than the context, such as Pong's serve, 16 steps after a point, which four frames of
     an empty field cannot count. `masked` adds the next frame as far as it is decided (MASK
     where it is not) as an input, so that the uncertain cells of a frame can be drawn given each
-    other (MaskGIT, Chang et al. 2022): one ball served, not two halves of two balls."""
+    other (MaskGIT, Chang et al. 2022): one ball served, not two halves of two balls. `games`
+    > 0 makes one model of several games (seed 004): the game is an input, beside the actions,
+    which are then ALE's 18 (full_actions)."""
 
     def __init__(self, n_codes, n_actions, grid, context=4, emb=32, dim=96, n_blocks=4, memory=0, masked=False,
-                 actions=1):
+                 actions=1, games=0):
         super().__init__()
         self.n_codes, self.n_actions, self.context = n_codes, n_actions, context
-        self.memory, self.masked, self.actions = memory, masked, actions
+        self.memory, self.masked, self.actions, self.games = memory, masked, actions, games
+        self.game = nn.Embedding(games, dim) if games else None
         n_act = n_actions if actions == 1 else actions * (n_actions + 1)  # per lag, and "unknown"
         self.tok = nn.Embedding(n_codes, emb)
         self.time = nn.Parameter(torch.zeros(context, emb, 1, 1))
@@ -1298,12 +1350,13 @@ class TokenDynamics(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(groups(dim), dim), nn.GELU(), nn.Conv2d(dim, n_codes, 1))
         self.copy = nn.Parameter(torch.tensor(3.0))
 
-    def forward(self, hist, action, age=None, partial=None):
+    def forward(self, hist, action, age=None, partial=None, game=None):
         """hist (B, T, h, w) long tokens, oldest first; action (B,) long, the action now, or (B,
         actions) long, the last actions, oldest first (n_actions: unknown), or (B, n_actions) float
         weights (a straight-through one-hot from train_latent_action.py); age (B, h, w) long, the
         memory; partial (B, h, w) long, the next frame's tokens decided so far, n_codes where not
-        (None: nothing decided) -> logits (B, n_codes, h, w)"""
+        (None: nothing decided); game (B,) long, which game (a model of several) -> logits
+        (B, n_codes, h, w)"""
         B, T, h, w = hist.shape
         x = (self.tok(hist).permute(0, 1, 4, 2, 3) + self.time).reshape(B, -1, h, w)  # T frames of embeddings
         if self.memory:
@@ -1318,6 +1371,9 @@ class TokenDynamics(nn.Module):
             if self.actions > 1:
                 action = action + (self.n_actions + 1) * torch.arange(self.actions, device=action.device)
             a, bias = self.act(action).sum(1), self.act_bias[action].sum(1)
+        if self.games:  # the game conditions every block as the actions do, and the input
+            a = a + self.game(game)
+            bias = bias + self.game(game)[:, :, None, None]
         x = self.inp(x) + bias
         for blk in self.blocks:
             x = blk(x, a)
@@ -1654,11 +1710,19 @@ class TokenWorld(World):
     `temperature`, and, with a masked model, drawn again where unsure given the sure cells, for
     up to `passes` passes (decode())."""
 
-    def __init__(self, tok, dyn, space, game, action_meanings, device="cpu", temperature=0.0, passes=4, top_p=TOP_P):
+    def __init__(self, tok, dyn, space, game, action_meanings, device="cpu", temperature=0.0, passes=4, top_p=TOP_P,
+                 games=None):
         super().__init__(tok, dyn, space, game, action_meanings, device, dyn.context)
         if not (math.isfinite(temperature) and temperature >= 0):
             raise KitError(f"temperature must be 0 or more (0: the argmax), got {temperature}")
         self.temperature, self.passes, self.top_p = float(temperature), passes, top_p
+        # a model of several games (`games`, in the order of its game input): this world dreams one of
+        # them, with that game's own actions at the contract, mapped inside to ALE's 18
+        self.game_index, self.to_full = None, None
+        if getattr(dyn, "games", 0):
+            self.game_index = torch.tensor([list(games).index(game)], device=self.device)
+            self.to_full = torch.tensor(full_actions(self.action_meanings), device=self.device)
+            self.n_actions = len(self.action_meanings)
         self.memory, self.age = getattr(dyn, "memory", 0), None
         self.past = None  # the actions before this one that the dynamics also see
 
@@ -1670,7 +1734,7 @@ class TokenWorld(World):
         hist = tokens.view(*frames.shape[:2], *tokens.shape[1:])  # (B, T, h, w)
         # what happened before the first frame is unknown: so are the ages of the cells that never change in them
         age = ages(hist, self.memory, unknown=True)[:, -1] if self.memory else None
-        past = torch.full((len(frames), getattr(self.dyn, "actions", 1) - 1), self.n_actions, device=self.device)
+        past = torch.full((len(frames), getattr(self.dyn, "actions", 1) - 1), self.dyn.n_actions, device=self.device)
         self._set(rows, hist=hist, age=age, past=past, rewards=torch.zeros(len(frames)),
                   terminals=torch.zeros(len(frames), dtype=torch.bool))
         self._streams(len(frames), seeds, rows)
@@ -1680,11 +1744,15 @@ class TokenWorld(World):
         """One step of every dream in flight -> (B, C, H, W) uint8 frames, or with pixels=False
         the (B, h, w) tokens, skipping the decoder."""
         a = self._actions(actions)
+        if self.to_full is not None:
+            a = self.to_full[a]
         if self.past.shape[1]:  # the dynamics see the last actions, oldest first
             a = torch.cat([self.past, a[:, None]], 1)
             self.past = a[:, 1:]
+        game = None if self.game_index is None else self.game_index.expand(len(a))
         return self._advance(self.decode(lambda rows, partial: self.dyn(
-            self.hist[rows], a[rows], None if self.age is None else self.age[rows], partial)), pixels)
+            self.hist[rows], a[rows], None if self.age is None else self.age[rows], partial,
+            None if game is None else game[rows])), pixels)
 
     @torch.inference_mode()
     def reconstruct(self, frames):
@@ -1837,12 +1905,17 @@ class LatentWorld(World):
         return to_uint8(self.tok.decode(nxt, last=True)) if pixels else nxt
 
 
-def load_world(path, device="cpu", temperature=TEMPERATURE):
+def load_world(path, device="cpu", temperature=TEMPERATURE, game=None):
     """Any world checkpoint the kit writes -> an object keeping the contract above. A world over
     an autoencoder says so in tokenizer_kind; one without it is over a VQ-VAE. Token worlds draw
     their next frame at `temperature` (latent worlds are deterministic and ignore it), and, with
-    heads, the reward and the end of each step (wm.reward, wm.terminated)."""
+    heads, the reward and the end of each step (wm.reward, wm.terminated). A model of several
+    games dreams `game` (default: the first it was trained on), with that game's own actions."""
     ck = load_checkpoint(path, ("world",))
+    games = trained_games(ck)
+    game = next(iter(games)) if game is None else resolve_game(game)
+    if game not in games:
+        raise KitError(f"{path} was trained on {', '.join(g[4:-3] for g in games)}, not {game[4:-3]}")
     latent = ck.get("tokenizer_kind", "vqvae") == "ae"
     try:
         tok = (ConvAE if latent else VQVAE)(**ck["tokenizer_args"])
@@ -1854,15 +1927,16 @@ def load_world(path, device="cpu", temperature=TEMPERATURE):
             heads.load_state_dict(ck["heads"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise KitError(f"{path} does not fit this version of the kit ({first_line(e)})") from None
-    args = (tok, dyn, ck["frame_space"], ck["game"], ck["action_meanings"], device)
+    args = (tok, dyn, ck["frame_space"], game, games[game], device)
     if latent:
         wm = LatentWorld(*args)
     elif ck["model_args"]["arch"] == "lam":
         wm = LatentActionWorld(*args, temperature, mapped=ck.get("map_step", 0) > 0)
     else:
-        wm = TokenWorld(*args, temperature)
+        wm = TokenWorld(*args, temperature, games=list(games))
     wm.heads = None if heads is None else heads.to(wm.device).eval()  # the reward and the end: wm.reward, wm.terminated
-    wm.data = ck.get("args", {}).get("data")
+    data = ck.get("args", {}).get("data")  # a folder, or (since --data takes several) one per game, in order
+    wm.data = data[list(games).index(game)] if isinstance(data, (list, tuple)) else data
     return wm
 
 
@@ -1872,12 +1946,13 @@ def load_world(path, device="cpu", temperature=TEMPERATURE):
 # Reward and end come from the world's heads (train_world.py --heads); a world without them
 # pays 0 and never ends, and says so once.
 
-def _dream_world(world, device, temperature):
-    """A world, or a checkpoint path -> a world; ValueError for a checkpoint that is not one."""
+def _dream_world(world, device, temperature, game=None):
+    """A world, or a checkpoint path (and, for a model of several games, the game) -> a world;
+    ValueError for a checkpoint that is not one."""
     if not isinstance(world, str):
         return world
     try:
-        return load_world(world, device, TEMPERATURE if temperature is None else temperature)
+        return load_world(world, device, TEMPERATURE if temperature is None else temperature, game)
     except KitError as e:
         raise ValueError(str(e)) from None
 
@@ -1951,15 +2026,16 @@ class DreamEnv(gym.Env):
     game's (get_action_meanings() as ALE has it), reward and end drawn by the world's heads,
     truncation after `max_episode_steps`. reset(seed=...) starts from real frames (DreamStarts),
     or from options={"frames": context frames as observe() gives them}.
-    gymnasium.make("AtariDream-v0", world="checkpoints/pong/world.pt") builds one."""
+    gymnasium.make("AtariDream-v0", world="checkpoints/pong/world.pt") builds one (game="Breakout": that
+    game of a model of several)."""
 
     metadata = {"render_modes": ["rgb_array", "human"], "render_fps": 15}
 
     def __init__(self, world, start="env", data=None, max_episode_steps=1000, temperature=None, device="cpu",
-                 render_mode=None, pool=256):
+                 render_mode=None, pool=256, game=None):
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
-        self.world = _dream_world(world, device, temperature)
+        self.world = _dream_world(world, device, temperature, game)
         self.starts, self.max_episode_steps = DreamStarts(self.world, start, data, pool), max_episode_steps
         self.observation_space = _frame_space_box(self.world)
         self.action_space, self.render_mode = gym.spaces.Discrete(self.world.n_actions), render_mode
@@ -2021,8 +2097,8 @@ class DreamVecEnv(gym.vector.VectorEnv):
     metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP, "render_modes": []}
 
     def __init__(self, world, num_envs=8, start="env", data=None, obs="frames", max_episode_steps=1000,
-                 temperature=None, device="cpu", pool=256, paying=0.0):
-        self.world = _dream_world(world, device, temperature)
+                 temperature=None, device="cpu", pool=256, paying=0.0, game=None):
+        self.world = _dream_world(world, device, temperature, game)
         if obs not in ("frames", "tokens") or (obs == "tokens" and not isinstance(self.world, TokenWorld)):
             raise ValueError(f"obs must be 'frames' or, for a token world, 'tokens'; got {obs!r}")
         self.num_envs, self.obs, self.max_episode_steps = int(num_envs), obs, max_episode_steps
@@ -2178,6 +2254,47 @@ def breakout_objects(frame, space):
     return {"paddle": paddle, "balls": balls, "bricks": bricks}
 
 
+def spaceinvaders_objects(frame, space):
+    """A SpaceInvaders frame in `space` -> {"cannon": its column or None, "invaders": [(row,
+    col, area)], "shots": [(row, col, area)]} in raw 210x160 pixels, searched where the
+    invaders march (above the bunkers); the background is black. Shots are grey, invaders
+    yellow: in an rgb space the blue channel tells them apart (area resampling keeps the hue);
+    in gray, a blob under 30 raw pixels (a shot is 1x8, an invader 8x10) is a shot."""
+    g, sy, sx = _gray(frame, space)
+    c = np.clip(g[int(np.ceil(SPACE_INVADERS_CANNON[0] / sy)):int(SPACE_INVADERS_CANNON[1] / sy)] - 20, 0, None).sum(0)
+    cannon = (c @ (np.arange(len(c)) + 0.5) / c.sum()) * sx if c.sum() > 60 else None
+    r0, r1 = int(np.ceil(SPACE_INVADERS_FIELD[0] / sy)), int(SPACE_INVADERS_FIELD[1] / sy)
+    fg = np.clip(g[r0:r1] - 20, 0, None)
+    f = np.asarray(frame, np.float32)[r0:r1]
+    grey = f[..., 2] > 0.6 * f[..., 0] if f.ndim == 3 else None
+    found = lambda mask: [((r + r0) * sy, c * sx, n * sy * sx) for r, c, n, peak in blobs(mask, fg) if peak > 25]
+    if grey is None:
+        every = found(fg > 10)
+        return {"cannon": cannon, "invaders": [b for b in every if b[2] >= 30],
+                "shots": [b for b in every if b[2] < 30]}
+    return {"cannon": cannon, "invaders": found((fg > 10) & ~grey), "shots": found((fg > 10) & grey)}
+
+
+SPACE_INVADERS_NEAR = {"invaders": 4, "shots": 8}  # raw pixels: invaders march 16 apart, shots fly 4-8 a step
+
+
+def spaceinvaders_scores(dream, real, space, k):
+    """At horizon k: the share of the real invaders that the dream draws within 4 raw pixels
+    (a formation marched a step too far or too short misses), and of the real shots within 8;
+    and the share of the dream's invaders and shots that stand where the real frame has none."""
+    hit, extra = {"invaders": [], "shots": []}, []
+    near = lambda b, others, kind: any(np.hypot(b[0] - o[0], b[1] - o[1]) <= SPACE_INVADERS_NEAR[kind]
+                                       for o in others)
+    for d, r in zip(dream, real):
+        want, got = spaceinvaders_objects(to_image(r), space), spaceinvaders_objects(to_image(d), space)
+        for kind in hit:
+            hit[kind] += [near(b, got[kind], kind) for b in want[kind]]
+            extra += [not near(b, want[kind], kind) for b in got[kind]]
+    stat = lambda x: float(np.mean(x)) if len(x) else float("nan")  # plain floats: checkpoints load with weights_only
+    return {f"invaders_4px@{k}": stat(hit["invaders"]), f"shots_8px@{k}": stat(hit["shots"]),
+            f"invented@{k}": stat(extra)}
+
+
 def pong_scores(dream, real, space, k):
     """The paddle/ball rule, at horizon k: the player's paddle error (raw pixels) over frames
     where the real paddle is visible, a dream that lost it counting as 210 pixels off; and the
@@ -2202,8 +2319,8 @@ def open_loop(wm, frames, actions, horizons=HORIZONS):
     against the real frames: frames (B, context + max(horizons), C, H, W) uint8 in wm's frame
     space, actions (B, max(horizons)). -> psnr@h and copy_psnr@h (the last real frame as the
     prediction) at each horizon; on Pong, pong_scores (the ball at every horizon, the paddle at
-    10 and 30 steps)."""
-    T, pong = wm.context, wm.game == "ALE/Pong-v5"
+    10 and 30 steps); on SpaceInvaders, spaceinvaders_scores at every horizon."""
+    T, pong, invaders = wm.context, wm.game == "ALE/Pong-v5", wm.game == "ALE/SpaceInvaders-v5"
     wm.reset_batch(frames[:, :T])
     m = {}
     for k in range(1, max(horizons) + 1):
@@ -2215,6 +2332,8 @@ def open_loop(wm, frames, actions, horizons=HORIZONS):
             if pong:  # the ball at every horizon: where it is lost; the paddle at 10 and 30
                 m.update({key: v for key, v in pong_scores(dream, real, wm.space, k).items()
                           if k in (10, 30) or key.startswith("ball")})
+            if invaders:
+                m.update(spaceinvaders_scores(dream, real, wm.space, k))
     return m
 
 

@@ -8,6 +8,7 @@ the model's frame space (the real frame goes through wm.observe, as the training
 Examples:
   python play.py                                          # checkpoints/pong/world.pt at 15 FPS
   python play.py --world checkpoints/breakout/world.pt --scale 8 --record play.gif
+  python play.py --world checkpoints/pong+breakout+spaceinvaders/world.pt --game Breakout   # one game of a joint model
   python play.py --policy tracker                         # watch the RAM tracker play in the dream
   python play.py --gif assets/dream.gif --steps 200 --policy tracker      # headless real | dream GIF
   python play.py --gif assets/dream.gif --steps 200 --actions 2,2,3,3,0   # the list repeats
@@ -40,6 +41,8 @@ import common
 
 p = common.flags(__doc__)
 p.add_argument("--world", default="checkpoints/pong/world.pt", help="world-model checkpoint from train_world.py")
+p.add_argument("--game", default=None,
+               help="a model of several games (train_world.py --data A B ...): the one to dream; None: its first")
 p.add_argument("--seed", type=int, default=0,
                help="seed of the start (env reset) and of the dream's draws; R restarts with seed+1, seed+2, ...")
 p.add_argument("--temperature", type=common.nonneg_float, default=common.TEMPERATURE,
@@ -424,7 +427,7 @@ def main():
     if not headless:
         common.check_display("use --gif out.gif for a headless dream (or --benchmark N)")
     torch.set_num_threads(args.threads)
-    wm = common.load_world(args.world, device=common.pick_device(args.device), temperature=args.temperature)
+    wm = common.load_world(args.world, common.pick_device(args.device), args.temperature, args.game)
     if args.compile:  # on CUDA, CUDA graphs: one step at a time is a few small kernel launches
         wm.compile(mode="reduce-overhead" if wm.device.type == "cuda" else None)
     if args.latent_actions:

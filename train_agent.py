@@ -34,6 +34,7 @@ import common
 
 p = common.flags(__doc__)
 p.add_argument("--world", default="checkpoints/pong/world.pt", help="world model with reward heads (train_world.py)")
+p.add_argument("--game", default=None, help="a model of several games: the one to learn (None: its first)")
 p.add_argument("--out", default=None, help="agent checkpoint (default: agent.pt beside the world)")
 p.add_argument("--assets", default="assets", help="folder for <game>_agent_real.gif and <game>_agent_curve.png")
 p.add_argument("--total-steps", type=common.positive_int, default=300_000, help="dream steps to learn from, all dreams")
@@ -237,7 +238,7 @@ def main():
 
     # -------------------------------------------------------------------------
     # the dream: N dreams of the world, started from real frames, paid and ended by its heads
-    wm = common.load_world(args.world, device, args.temperature)
+    wm = common.load_world(args.world, device, args.temperature, args.game)
     if not isinstance(wm, common.TokenWorld) or isinstance(wm, common.LatentActionWorld):
         raise common.KitError(f"{args.world} is not a token world (train_world.py): the agent reads its tokens")
     if wm.heads is None:

@@ -10,6 +10,7 @@ Examples:
   python train_vqvae.py --data data/breakout --steps 3000 --codes 128
   python train_vqvae.py --frame-space gray84x84 --hidden 32 --code-dim 128 --down 2
   python train_vqvae.py --resume                           # continue from --out
+  python train_vqvae.py --data data/pong data/breakout data/spaceinvaders   # one tokenizer of 3 games (seed 004)
   torchrun --nproc_per_node 2 train_vqvae.py               # 2 processes, same global --batch
 """
 import argparse
@@ -29,8 +30,10 @@ import common
 # flags
 
 p = common.flags(__doc__)
-p.add_argument("--data", default="data/pong", help="folder of episodes from collect.py")
-p.add_argument("--out", default=None, help="checkpoint path (default: checkpoints/<data name>/vqvae.pt)")
+p.add_argument("--data", default=["data/pong"], nargs="+",
+               help="folder of episodes from collect.py; several folders (one game each): one tokenizer of them all")
+p.add_argument("--out", default=None,
+               help="checkpoint path (default: checkpoints/<data name>/vqvae.pt; several: names joined by +)")
 p.add_argument("--frame-space", default="rgb84x64", choices=list(common.FRAME_SPACES),
                help="preprocessing of raw frames")
 p.add_argument("--hidden", type=common.positive_int, default=16, help="channels of the full-resolution conv layers")
@@ -102,27 +105,46 @@ def evaluate(model, val, device, batch=256):
                 perplexity=perplexity, stability=torch.cat(stable).mean().item())
 
 
+def own_background(x, bgs):
+    """Each frame's game's median frame (bgs (G, C, H, W)), told by which one is nearest: frames
+    of two games differ far more than a frame differs from its own background."""
+    if len(bgs) == 1:
+        return bgs[0]
+    return bgs[(x[:, None].float() - bgs).abs().mean((2, 3, 4)).argmin(1)]
+
+
 def main():
     args = p.parse_args()
     common.seed_everything(args.seed)
     rank, ranks, device = common.distributed(args.device)  # torchrun: one process per rank
     rank_batch = common.per_rank(args.batch, ranks)
-    name = os.path.basename(os.path.normpath(args.data))
+    name = "+".join(os.path.basename(os.path.normpath(d)) for d in args.data)
     out = args.out or os.path.join("checkpoints", name, "vqvae.pt")
     if args.codes < 2:
         raise common.KitError("--codes must be at least 2")
 
     # -------------------------------------------------------------------------
     # data: frames streamed from the training episodes; validation = held-out episodes
-    train, val, meta = common.scan_dataset(args.data, args.val_frac, args.seed, args.skip_bad)
-    V = common.frame_runs(val or train, args.frame_space, 512, 2).flatten(0, 1)  # consecutive frames, for stability
-    bg = common.background(train, args.frame_space, args.seed).to(device)
+    train, val, games, V, bgs = [], [], {}, [], []
+    for folder in args.data:
+        t, v, meta = common.scan_dataset(folder, args.val_frac, args.seed, args.skip_bad)
+        if meta["game"] in games:
+            raise common.KitError(f"{folder} is {meta['game'][4:-3]} again: one folder per game")
+        games[meta["game"]] = meta["action_meanings"]
+        train, val = train + t, val + v
+        # consecutive frames (for stability), an equal share of each game's; and each game's background
+        V.append(common.frame_runs(v or t, args.frame_space, 512 // len(args.data), 2).flatten(0, 1))
+        bgs.append(common.background(t, args.frame_space, args.seed))
+    V, bgs = torch.cat(V), torch.stack(bgs).to(device)
+    meta = dict(game=next(iter(games)), action_meanings=next(iter(games.values())))
+    if len(games) > 1:
+        meta["games"] = games
     # every rank reads the same stream of global batches and trains on its slice: the run is the one
     # process's, whatever the number of ranks (up to float rounding)
     stream = common.frame_stream(train, args.frame_space, args.batch, 1, args.workers, args.seed, args.skip_bad)
     mine = slice(rank * rank_batch, (rank + 1) * rank_batch)
     print(f"data: {sum(n for _, n in train)} train frames ({len(train)} episodes, streamed by {args.workers} "
-          f"workers), {len(V)} val frames ({len(val)} episodes), {meta['game']}, {args.frame_space}")
+          f"workers), {len(V)} val frames ({len(val)} episodes), {', '.join(games)}, {args.frame_space}")
 
     # -------------------------------------------------------------------------
     # model
@@ -147,8 +169,7 @@ def main():
             return
         common.save_checkpoint(out, dict(
             kind="vqvae", model_args=model_args, model=model.state_dict(), optimizer=opt.state_dict(),
-            frame_space=args.frame_space, game=meta["game"], action_meanings=meta["action_meanings"],
-            step=step, args=vars(args), metrics=metrics))
+            frame_space=args.frame_space, **meta, step=step, args=vars(args), metrics=metrics))
 
     # -------------------------------------------------------------------------
     # loop
@@ -157,7 +178,7 @@ def main():
     try:
         while step < args.steps:
             x = next(stream)[mine, 0].to(device)
-            w = 1 + args.fg_weight * ((x.float() - bg).abs().amax(1, keepdim=True) > 12).float()
+            w = 1 + args.fg_weight * ((x.float() - own_background(x, bgs)).abs().amax(1, keepdim=True) > 12).float()
             lr = args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / args.steps))
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -200,7 +221,8 @@ def main():
     # outputs: the token cache (the reconstruction grid is written at every eval)
     seconds = max(time.time() - t0, 1e-9)
     if args.cache:
-        common.token_cache(args.data, out, model, args.frame_space, device, meta["game"], args.skip_bad, read=False)
+        for folder in args.data:
+            common.token_cache(folder, out, model, args.frame_space, device, list(games), args.skip_bad, read=False)
     print(f"trained {step} steps in {seconds / 60:.1f} min ({(step - first) / seconds:.1f} steps/s): val PSNR "
           f"{metrics.get('val_psnr', float('nan')):.2f} dB, {metrics.get('codes_used')} codes used; wrote {out}, {png}"
           + (f" and the token cache for {len(train) + len(val)} episodes" if args.cache else ""))

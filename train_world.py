@@ -14,6 +14,7 @@ Examples:
   python train_world.py --resume --steps 6000             # continue with optimizer and step
   python train_world.py --arch attn --dim 128 --blocks 4  # the attention layout of the README
   torchrun --nproc_per_node 2 train_world.py              # 2 processes, same global --batch
+  python train_world.py --data data/pong data/breakout data/spaceinvaders   # one model of 3 games (seed 004)
 """
 import argparse
 import os
@@ -31,9 +32,11 @@ import common
 # flags
 
 p = common.flags(__doc__)
-p.add_argument("--data", default="data/pong", help="folder of episodes from collect.py")
+p.add_argument("--data", default=["data/pong"], nargs="+",
+               help="folder of episodes from collect.py; several folders (one game each): one model of them all, "
+                    "the game an input, the actions ALE's 18")
 p.add_argument("--tokenizer", default=None,
-               help="VQ-VAE from train_vqvae.py (default: checkpoints/<data name>/vqvae.pt)")
+               help="VQ-VAE from train_vqvae.py (default: checkpoints/<data name>/vqvae.pt; several: joined by +)")
 p.add_argument("--out", default=None, help="world checkpoint (default: checkpoints/<data name>/world.pt)")
 p.add_argument("--context", type=common.positive_int, default=4, help="frames of history")
 p.add_argument("--arch", default="conv", choices=["conv", "attn"], help="conv on the token grid, or attention over it")
@@ -86,22 +89,32 @@ p.add_argument("--assets", default="assets", help="where the dream GIF goes")
 # -----------------------------------------------------------------------------
 # data: windows of tokens, and the actions between them
 
-def pack(eps, device):
+def pack(eps, device, to_full=None):
     """Every episode's tokens, actions, rewards, ends and memory on the device once (common.pack):
-    a batch is then gathered there, without a copy from the host each step."""
+    a batch is then gathered there, without a copy from the host each step. Several games: each
+    episode's game, and `to_full` (games, most actions), each game's actions among ALE's 18."""
     keys = [k for k in ("tokens", "actions", "rewards", "terminated", "ages") if k in eps[0]]
-    return {k: common.pack([ep[k] for ep in eps], device) for k in keys}
+    data = {k: common.pack([ep[k] for ep in eps], device) for k in keys}
+    if to_full is not None:
+        data["game"], data["to_full"] = torch.tensor([ep["game"] for ep in eps], device=device), to_full.to(device)
+    return data
 
 
 def batch(data, idx, T, K, past=0, unknown=0):
     """history (B, T, h, w), actions (B, past + K): the `past` before the first step (`unknown`
     before the episode starts) and the K of the steps, targets (B, K, h, w) of the windows idx
-    ((B, 2) long: episode, start), and the memory at the last history frame (B, h, w), or None."""
+    ((B, 2) long: episode, start), the memory at the last history frame (B, h, w), or None, and
+    the game (B,), or None. The episodes keep their game's own actions; a model of several
+    games sees them among ALE's 18."""
     ep, s = idx[:, 0], idx[:, 1]
     tok = common.take(data["tokens"], ep, s, T + K).long()
     act = common.take(data["actions"], ep, s + T - 1 - past, past + K, fill=unknown)
     age = common.take(data["ages"], ep, s + T - 1, 1)[:, 0].long() if "ages" in data else None
-    return tok[:, :T], act, tok[:, T:], age
+    game = data["game"][ep] if "game" in data else None
+    if game is not None:
+        table = data["to_full"]
+        act = torch.where(act == unknown, unknown, table[game[:, None], act.clamp(max=table.shape[1] - 1)])
+    return tok[:, :T], act, tok[:, T:], age, game
 
 
 # -----------------------------------------------------------------------------
@@ -117,7 +130,7 @@ def importance(hist, target, emb, a):
     return w.clamp(max=a.max_ratio * w.median())  # a tensor bound: no sync with the device
 
 
-def token_loss(dyn, hist, act, tgt, age, tf, emb, disc, args):
+def token_loss(dyn, hist, act, tgt, age, game, tf, emb, disc, args):
     """Seed 003: K steps on the model's own argmax with scheduled teacher forcing; importance-
     weighted cross-entropy, discounted over the steps. The memory follows the tokens fed back."""
     loss, B, n = 0.0, len(hist), args.actions
@@ -128,7 +141,7 @@ def token_loss(dyn, hist, act, tgt, age, tf, emb, disc, args):
             r = torch.rand(2, B, 1, 1, device=hist.device)
             hide = torch.rand(w.shape, device=hist.device) < torch.where(r[0] < 0.5, 1.0, r[1])
             partial = torch.where(hide, dyn.n_codes, tgt[:, 0])
-        logits = dyn(hist, act[:, k:k + n], age, partial)
+        logits = dyn(hist, act[:, k:k + n], age, partial, game)
         ce = F.cross_entropy(logits, tgt[:, k], reduction="none")
         loss = loss + disc[k] * (w * hide * ce).sum() / (w * hide).sum()  # the shown cells are no question
         keep = (torch.rand(B, 1, 1, device=hist.device) < tf) | ~hide
@@ -158,32 +171,33 @@ def outcome_loss(heads, data, transitions, events, g, batch, args):
 # eval on frozen windows
 
 @torch.no_grad()
-def evaluate(wm, val, fixed):
+def evaluate(wm, val, fixed, to_full=None):
     """Token accuracy at one step (all tokens, and the tokens that change), rollout accuracy at
     5 and 10 steps, action sensitivity (tokens whose prediction changes when only the action
-    does, averaged over action pairs); then common.open_loop through the world: decoded PSNR
-    next to copy-last-frame, and the Pong objects."""
+    does, averaged over the pairs of the game's actions); then common.open_loop through the
+    world: decoded PSNR next to copy-last-frame, and the Pong objects. One game's episodes."""
     dyn, T, H, n = wm.dyn.eval(), wm.context, max(common.HORIZONS), getattr(wm.dyn, "actions", 1)
-    hist, act, tgt, age = batch(pack(val, wm.device), torch.tensor(fixed, device=wm.device), T, H, n - 1,
-                                dyn.n_actions)
-    pred = dyn(hist, act[:, :n], age).argmax(1)
+    data, idx = pack(val, wm.device, to_full), torch.tensor(fixed, device=wm.device)
+    hist, act, tgt, age, game = batch(data, idx, T, H, n - 1, dyn.n_actions)
+    pred = dyn(hist, act[:, :n], age, None, game).argmax(1)
     changed = tgt[:, 0] != hist[:, -1]
     m = {"acc": (pred == tgt[:, 0]).float().mean().item(),
          "acc_changed": (pred == tgt[:, 0])[changed].float().mean().item() if changed.any() else float("nan")}
-    per_action = [dyn(hist, torch.cat([act[:, :n - 1], torch.full_like(act[:, :1], a)], 1), age).argmax(1)
-                  for a in range(dyn.n_actions)]
+    actions = range(dyn.n_actions) if wm.to_full is None else wm.to_full.tolist()
+    per_action = [dyn(hist, torch.cat([act[:, :n - 1], torch.full_like(act[:, :1], a)], 1), age, None, game).argmax(1)
+                  for a in actions]
     diff = [(per_action[i] != per_action[j]).flatten(1).sum(1).float().mean()
-            for i in range(dyn.n_actions) for j in range(i + 1, dyn.n_actions)]
+            for i in range(len(actions)) for j in range(i + 1, len(actions))]
     m["action_sensitivity"] = torch.stack(diff).mean().item() if diff else 0.0
     h = hist
     for k in range(10):
-        nxt = dyn(h, act[:, k:k + n], age).argmax(1)
+        nxt = dyn(h, act[:, k:k + n], age, None, game).argmax(1)
         age = common.next_age(age, h[:, -1], nxt, dyn.memory) if dyn.memory else None
         h = torch.cat([h[:, 1:], nxt[:, None]], 1)
         if k + 1 in (5, 10):
             m[f"rollout_acc@{k + 1}"] = (h[:, -1] == tgt[:, k]).float().mean().item()
     frames = torch.stack([val[i]["frames"][s:s + T + H] for i, s in fixed])
-    m.update(common.open_loop(wm, frames, act[:, n - 1:]))
+    m.update(common.open_loop(wm, frames, common.take(data["actions"], idx[:, 0], idx[:, 1] + T - 1, H)))
     if wm.heads is not None:
         wm.heads.eval()
         m.update(common.outcome_scores(wm, val))
@@ -194,12 +208,35 @@ def evaluate(wm, val, fixed):
 
 # -----------------------------------------------------------------------------
 
+def load_games(args, tok_path, tok, tck, rank, device):
+    """Each --data folder's episodes as tokens, split as the tokenizer split them -> (train, vals,
+    games): the training episodes of every game, each game's validation episodes, and {game id:
+    its actions}, in the order of the model's game input (an episode's "game")."""
+    trained, train, vals, games = common.trained_games(tck), [], {}, {}
+    for folder in args.data:
+        first = common.load_episode(common.episode_files(folder)[0], ["game", "action_meanings"])
+        game = str(first["game"])
+        if game in games:
+            raise common.KitError(f"{folder} is {game[4:-3]} again: one folder per game")
+        if game not in trained:
+            raise common.KitError(f"tokenizer {tok_path} was trained on {', '.join(g[4:-3] for g in trained)}; "
+                                  f"{folder} is {game[4:-3]}")
+        games[game] = [str(m) for m in first["action_meanings"]]
+        tokens = common.rank_zero_first(rank, lambda: common.token_cache(
+            folder, tok_path, tok, tck["frame_space"], device, list(trained), args.skip_bad))
+        t, v = common.coded_episodes(folder, tokens, "tokens", tck["frame_space"], args.val_frac, args.seed)
+        for ep in t + v:
+            ep["game"] = len(games) - 1
+        train, vals[game] = train + t, v
+    return train, vals, games
+
+
 def main():
     args = p.parse_args()
     common.seed_everything(args.seed)
     rank, ranks, device = common.distributed(args.device)  # torchrun: one process per rank
     rank_batch = common.per_rank(args.batch, ranks)
-    name = os.path.basename(os.path.normpath(args.data))
+    name = "+".join(os.path.basename(os.path.normpath(d)) for d in args.data)
     tok_path = args.tokenizer or os.path.join("checkpoints", name, "vqvae.pt")
     out = args.out or os.path.join("checkpoints", name, "world.pt")
     T, K, H = args.context, args.rollout, max(common.HORIZONS)
@@ -207,23 +244,30 @@ def main():
     # -------------------------------------------------------------------------
     # data: cached tokens for every episode, frames only for validation
     tok, tck = common.load_tokenizer(tok_path)
-    tok_key, space, meanings = common.file_key(tok_path), tck["frame_space"], tck["action_meanings"]
-    tokens = common.rank_zero_first(rank, lambda: common.token_cache(args.data, tok_path, tok, space, device,
-                                                                      tck["game"], args.skip_bad))
-    train, val = common.coded_episodes(args.data, tokens, "tokens", space, args.val_frac, args.seed)
+    tok_key, space = common.file_key(tok_path), tck["frame_space"]
+    train, vals, games = load_games(args, tok_path, tok, tck, rank, device)
+    joint, first = len(games) > 1, next(iter(games))
+    if joint and args.arch != "conv":
+        raise common.KitError("--arch attn models one game: several --data folders want --arch conv")
+    # several games share ALE's 18 actions (seed 004); each game's own actions are a row of to_full
+    meanings = list(common.FULL_ACTIONS) if joint else games[first]
+    most = max(len(m) for m in games.values())
+    to_full = torch.tensor([common.full_actions(m) + [0] * (most - len(m)) for m in games.values()]) if joint else None
     if args.arch != "conv":  # the attention layout is kept as it was measured: one action, no memory
         args.memory, args.masked, args.actions = 0, False, 1
     if args.memory:  # the steps since each cell changed, counted from each episode's start (a reset)
-        for ep in train + val:
+        for ep in train + [ep for val in vals.values() for ep in val]:
             ep["ages"] = common.ages(ep["tokens"], args.memory).to(torch.uint8)
     pool = common.windows([len(ep["tokens"]) for ep in train], T + K)
     if not pool:
-        raise common.KitError(f"episodes in {args.data} are shorter than context + rollout ({T + K} frames)")
-    vpool = common.windows([len(ep["tokens"]) for ep in val], T + H)
-    if not vpool:
-        raise common.KitError(f"validation episodes are shorter than {T + H} frames")
-    rng = np.random.default_rng(1234)  # frozen eval indices (seed 003's gold eval)
-    fixed = [vpool[i] for i in sorted(rng.choice(len(vpool), min(args.eval_windows, len(vpool)), replace=False))]
+        raise common.KitError(f"episodes in {' '.join(args.data)} are shorter than context + rollout ({T + K} frames)")
+    rng, fixed = np.random.default_rng(1234), {}  # frozen eval indices (seed 003's gold eval)
+    for game, val in vals.items():
+        vpool = common.windows([len(ep["tokens"]) for ep in val], T + H)
+        if not vpool:
+            raise common.KitError(f"{game[4:-3]}'s validation episodes are shorter than {T + H} frames")
+        fixed[game] = [vpool[i] for i in sorted(rng.choice(len(vpool), min(args.eval_windows, len(vpool)),
+                                                           replace=False))]
     grid = tuple(train[0]["tokens"].shape[1:])
     # the heads' transitions (episode, step) with the frames they read, and the rare ones that pay or end,
     # with the two steps either side: the ball is just as gone one step after the point, which pays nothing
@@ -231,9 +275,10 @@ def main():
     paid = {(i, j) for i, j in transitions if train[i]["rewards"][j] != 0 or train[i]["terminated"][j]}
     events = [(i, j) for i, j in transitions if any((i, j + d) in paid for d in range(-2, 3))]
     print(f"data: {sum(len(e['actions']) for e in train)} train transitions ({len(train)} episodes, {len(paid)} "
-          f"with a reward or an end), {len(val)} val episodes, {len(fixed)} frozen eval windows; token grid {grid}")
-    data = pack(train, device)  # on the device once: batches are gathered there
-    del train, tokens  # the packed copy is the only one kept
+          f"with a reward or an end), {sum(map(len, vals.values()))} val episodes, "
+          f"{sum(map(len, fixed.values()))} frozen eval windows; token grid {grid}; {', '.join(games)}")
+    data = pack(train, device, to_full)  # on the device once: batches are gathered there
+    del train  # the packed copy is the only one kept
     common.release_heap()
     pool, transitions, events = (torch.tensor(rows, dtype=torch.long, device=device).view(-1, 2)
                                  for rows in (pool, transitions, events))
@@ -248,6 +293,8 @@ def main():
         model_args["masked"] = True
     if args.actions > 1:
         model_args["actions"] = args.actions
+    if joint:
+        model_args["games"] = len(games)
 
     dyn = common.make_dynamics(**model_args).to(device)
     heads_args = dict(n_codes=tok.n_codes, grid=grid) if args.heads else None
@@ -264,8 +311,10 @@ def main():
         if heads:
             heads.load_state_dict(ck["heads"])
     fwd = common.compiled(dyn, device) if args.compile else dyn
-    wm = common.TokenWorld(tok, dyn, space, tck["game"], meanings, device)
-    wm.heads = heads
+    worlds = {game: common.TokenWorld(tok, dyn, space, game, actions, device, games=list(games))
+              for game, actions in games.items()}  # one per game, sharing the model: evaluation and the GIFs
+    for wm in worlds.values():
+        wm.heads = heads
     emb = tok.quantizer.embed / tok.quantizer.embed.norm(dim=1).max()
     print(f"model: {args.arch}, {sum(p.numel() for p in dyn.parameters()) / 1e6:.2f}M parameters on {device}")
 
@@ -278,9 +327,9 @@ def main():
         common.save_checkpoint(out, dict(
             kind="world", model_args=model_args, model=dyn.state_dict(), optimizer=opt.state_dict(),
             tokenizer_args=tck["model_args"], tokenizer=tok.state_dict(), tokenizer_path=tok_path,
-            tokenizer_key=tok_key, frame_space=space, game=tck["game"], action_meanings=meanings,
-            step=step, args=vars(args), metrics=metrics, **({"heads_args": heads_args, "heads": heads.state_dict()}
-                                                            if heads else {})))
+            tokenizer_key=tok_key, frame_space=space, game=first, action_meanings=meanings,
+            step=step, args=vars(args), metrics=metrics, **({"games": games} if joint else {}),
+            **({"heads_args": heads_args, "heads": heads.state_dict()} if heads else {})))
 
     # -------------------------------------------------------------------------
     # loop: K-step rollouts on the model's own predictions, with scheduled teacher forcing
@@ -297,13 +346,13 @@ def main():
                 group["lr"] = lr
             tf = max(args.teacher_forcing, 1 - frac / 0.3)  # from 1 to its floor over the first 30%
             idx = pool[torch.from_numpy(g.integers(len(pool), size=rank_batch)).to(device)]
-            hist, act, tgt, age = batch(data, idx, T, K, args.actions - 1, len(meanings))
+            hist, act, tgt, age, game = batch(data, idx, T, K, args.actions - 1, len(meanings))
             # some windows remember only themselves, as a dream started from real frames does
             fresh = torch.rand(len(hist), 1, 1, device=device) < args.fresh_starts
             if args.memory:
                 age = torch.where(fresh, common.ages(hist, args.memory, unknown=True)[:, -1], age)
             act[:, :args.actions - 1] = torch.where(fresh[:, :, 0], len(meanings), act[:, :args.actions - 1])
-            loss = token_loss(fwd, hist, act, tgt, age, tf, emb, disc, args)
+            loss = token_loss(fwd, hist, act, tgt, age, game, tf, emb, disc, args)
             if heads:
                 loss = loss + outcome_loss(heads, data, transitions, events, g_heads, rank_batch, args)
             read = watch(loss, step)
@@ -318,8 +367,11 @@ def main():
                 watch.check(out)
                 bar.set_postfix(loss=f"{loss.item():.4f}", tf=f"{tf:.2f}")
             if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
-                metrics = evaluate(wm, val, fixed)
-                tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+                per_game = {game: evaluate(worlds[game], vals[game], fixed[game], to_full) for game in games}
+                for game, m in per_game.items():
+                    tqdm.write(f"step {step}: {game[4:-3] + ': ' if joint else ''}"
+                               + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
+                metrics = per_game if joint else per_game[first]
                 save()
     except KeyboardInterrupt:
         bar.close()
@@ -333,13 +385,18 @@ def main():
     # -------------------------------------------------------------------------
     # outputs
     os.makedirs(args.assets, exist_ok=True)
-    gif = os.path.join(args.assets, f"{name}_dream.gif")
-    i, s = common.busiest([ep["frames"] for ep in val], T + args.gif_steps)
-    n = min(args.gif_steps, len(val[i]["actions"]) - s - T + 1)
-    common.dream_gif(wm, val[i]["frames"][s:s + T + n], val[i]["actions"][s + T - 1:s + T - 1 + n], gif)
-    print(f"trained {step} steps in {(time.time() - t0) / 60:.1f} min; wrote {out} and {gif}")
-    print("PSNR dream vs copy-last-frame: " + "  ".join(
-        f"@{h} {metrics[f'psnr@{h}']:.2f}/{metrics[f'copy_psnr@{h}']:.2f}" for h in common.HORIZONS))
+    gifs = []
+    for game, val in vals.items():
+        gif = f"{name}_{game[4:-3].lower()}_dream.gif" if joint else f"{name}_dream.gif"
+        gifs.append(os.path.join(args.assets, gif))
+        i, s = common.busiest([ep["frames"] for ep in val], T + args.gif_steps)
+        n = min(args.gif_steps, len(val[i]["actions"]) - s - T + 1)
+        common.dream_gif(worlds[game], val[i]["frames"][s:s + T + n], val[i]["actions"][s + T - 1:s + T - 1 + n],
+                         gifs[-1])
+    print(f"trained {step} steps in {(time.time() - t0) / 60:.1f} min; wrote {out} and {', '.join(gifs)}")
+    for game, m in (metrics.items() if joint else [(first, metrics)]):
+        print(f"{game[4:-3]} PSNR dream vs copy-last-frame: " + "  ".join(
+            f"@{h} {m[f'psnr@{h}']:.2f}/{m[f'copy_psnr@{h}']:.2f}" for h in common.HORIZONS))
 
 
 if __name__ == "__main__":

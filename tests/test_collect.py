@@ -634,7 +634,7 @@ def test_breakout_ram_offsets_match_pixels():
     assert paddles >= 100 and balls >= 100, (paddles, balls)
 
 
-@pytest.mark.parametrize("game,margin", [("Pong", 10), ("Breakout", 20)])
+@pytest.mark.parametrize("game,margin", [("Pong", 10), ("Breakout", 20), ("SpaceInvaders", 100)])
 def test_tracker_beats_random(game, margin):
     def total_reward(name, steps=1000):
         env = common.make_env(game, seed=0)
