@@ -1750,9 +1750,11 @@ class TokenWorld(World):
             a = torch.cat([self.past, a[:, None]], 1)
             self.past = a[:, 1:]
         game = None if self.game_index is None else self.game_index.expand(len(a))
-        return self._advance(self.decode(lambda rows, partial: self.dyn(
-            self.hist[rows], a[rows], None if self.age is None else self.age[rows], partial,
-            None if game is None else game[rows])), pixels)
+
+        def predict(rows, partial):
+            kw = {} if game is None else {"game": game[rows]}  # only a model of several games takes it
+            return self.dyn(self.hist[rows], a[rows], None if self.age is None else self.age[rows], partial, **kw)
+        return self._advance(self.decode(predict), pixels)
 
     @torch.inference_mode()
     def reconstruct(self, frames):

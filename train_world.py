@@ -214,14 +214,14 @@ def load_games(args, tok_path, tok, tck, rank, device):
     its actions}, in the order of the model's game input (an episode's "game")."""
     trained, train, vals, games = common.trained_games(tck), [], {}, {}
     for folder in args.data:
-        first = common.load_episode(common.episode_files(folder)[0], ["game", "action_meanings"])
-        game = str(first["game"])
+        meta = common.scan_dataset(folder, args.val_frac, args.seed, args.skip_bad)[2]  # one line for a bad file
+        game, meanings = meta["game"], meta["action_meanings"]
         if game in games:
             raise common.KitError(f"{folder} is {game[4:-3]} again: one folder per game")
         if game not in trained:
             raise common.KitError(f"tokenizer {tok_path} was trained on {', '.join(g[4:-3] for g in trained)}; "
                                   f"{folder} is {game[4:-3]}")
-        games[game] = [str(m) for m in first["action_meanings"]]
+        games[game] = meanings
         tokens = common.rank_zero_first(rank, lambda: common.token_cache(
             folder, tok_path, tok, tck["frame_space"], device, list(trained), args.skip_bad))
         t, v = common.coded_episodes(folder, tokens, "tokens", tck["frame_space"], args.val_frac, args.seed)

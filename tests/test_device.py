@@ -72,13 +72,13 @@ def test_training_losses_on_meta():
         ep["ages"] = common.ages(ep["tokens"], args.memory).to(torch.uint8)
     data = train_world.pack(eps, META)
     idx = torch.tensor([[0, 0], [1, 3]], device=META)
-    hist, act, tgt, age = train_world.batch(data, idx, 4, args.rollout, args.actions - 1, ACTIONS)
+    hist, act, tgt, age, game = train_world.batch(data, idx, 4, args.rollout, args.actions - 1, ACTIONS)
     assert hist.device == act.device == tgt.device == age.device == META
     dyn = common.make_dynamics("conv", n_codes=CODES, n_actions=ACTIONS, grid=GRID, memory=8, masked=True,
                                actions=2).to(META)
     emb = torch.randn(CODES, 4, device=META)
     disc = torch.full((args.rollout,), 1 / args.rollout)
-    loss = train_world.token_loss(dyn, hist, act, tgt, age, 0.5, emb, disc, args)
+    loss = train_world.token_loss(dyn, hist, act, tgt, age, game, 0.5, emb, disc, args)
     heads = common.Outcome(n_codes=CODES, grid=GRID).to(META)
     import numpy as np
     rows = torch.tensor([[0, 1], [1, 2], [1, 5]], device=META)

@@ -121,8 +121,8 @@ def train_serve(memory, steps=200, T=4, K=2):
     pool = torch.tensor(common.windows([len(ep["tokens"]) for ep in eps], T + K))
     data, emb, disc = train_world.pack(eps, "cpu"), torch.eye(4), torch.tensor([0.6, 0.4])
     for _ in range(steps):
-        hist, act, tgt, age = train_world.batch(data, pool[rng.integers(len(pool), size=32)], T, K)
-        loss = train_world.token_loss(dyn, hist, act, tgt, age if memory else None, 1.0, emb, disc, args)
+        hist, act, tgt, age, game = train_world.batch(data, pool[rng.integers(len(pool), size=32)], T, K)
+        loss = train_world.token_loss(dyn, hist, act, tgt, age if memory else None, game, 1.0, emb, disc, args)
         opt.zero_grad()
         loss.backward()
         opt.step()
