@@ -8,7 +8,7 @@
                         check_display, the policies (random, sticky, tracker, mix), the trained
                         agent (Agent, AgentPolicy: train_agent.py)
   3. frames             FRAME_SPACES, preprocess, to_image, to_float / to_uint8, stack_frames
-  4. files              episodes, the train/validation split, scan_dataset, frame_runs,
+  4. files              episodes, the train/validation split, scan_dataset(s), frame_runs,
                         background, FrameStream (frames read as training needs them),
                         checkpoints, the token and latent caches, windows, pack/take (batches
                         gathered on the device)
@@ -817,6 +817,19 @@ def scan_dataset(folder, val_frac=0.1, seed=0, skip_bad=False):
     train_f, val_f = split_episodes(sorted(lengths), val_frac, seed)
     train, val = [(f, lengths[f]) for f in train_f], [(f, lengths[f]) for f in val_f]
     return (val, [], meta) if not train else (train, val, meta)
+
+
+def scan_datasets(folders, val_frac=0.1, seed=0, skip_bad=False):
+    """scan_dataset of several folders, one game each (a model of several games) -> [(train, val,
+    meta)] in their order; a game in two folders is refused."""
+    out, seen = [], set()
+    for folder in folders:
+        train, val, meta = scan_dataset(folder, val_frac, seed, skip_bad)
+        if meta["game"] in seen:
+            raise KitError(f"{folder} is {meta['game'][4:-3]} again: one folder per game")
+        seen.add(meta["game"])
+        out.append((train, val, meta))
+    return out
 
 
 def frame_runs(episodes, space, n, length=1, most=16):

@@ -126,10 +126,7 @@ def main():
     # -------------------------------------------------------------------------
     # data: frames streamed from the training episodes; validation = held-out episodes
     train, val, games, V, bgs = [], [], {}, [], []
-    for folder in args.data:
-        t, v, meta = common.scan_dataset(folder, args.val_frac, args.seed, args.skip_bad)
-        if meta["game"] in games:
-            raise common.KitError(f"{folder} is {meta['game'][4:-3]} again: one folder per game")
+    for t, v, meta in common.scan_datasets(args.data, args.val_frac, args.seed, args.skip_bad):
         games[meta["game"]] = meta["action_meanings"]
         train, val = train + t, val + v
         # consecutive frames (for stability), an equal share of each game's; and each game's background

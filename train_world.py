@@ -213,11 +213,9 @@ def load_games(args, tok_path, tok, tck, rank, device):
     games): the training episodes of every game, each game's validation episodes, and {game id:
     its actions}, in the order of the model's game input (an episode's "game")."""
     trained, train, vals, games = common.trained_games(tck), [], {}, {}
-    for folder in args.data:
-        meta = common.scan_dataset(folder, args.val_frac, args.seed, args.skip_bad)[2]  # one line for a bad file
+    scans = common.scan_datasets(args.data, args.val_frac, args.seed, args.skip_bad)  # one line for a bad file
+    for folder, (_, _, meta) in zip(args.data, scans):
         game, meanings = meta["game"], meta["action_meanings"]
-        if game in games:
-            raise common.KitError(f"{folder} is {game[4:-3]} again: one folder per game")
         if game not in trained:
             raise common.KitError(f"tokenizer {tok_path} was trained on {', '.join(g[4:-3] for g in trained)}; "
                                   f"{folder} is {game[4:-3]}")
