@@ -8,10 +8,16 @@ tokens. No gradient step ever uses a real transition: the real game (common.make
 only by evaluate(), every --eval-every updates and at the end, next to the random policy.
 Writes the agent, a CSV and a PNG of the curve, and a GIF of the agent in the real game.
 
+--env real trains the reference a dream-trained agent is measured against: the same agent, PPO
+and tokens, learning in the real game itself (N emulators, rewards clipped to their sign as the
+dream's heads draw them), for the same wall clock (--minutes). It writes reference.pt and
+<game>_reference_*.
+
 Examples:
   python train_agent.py                                         # checkpoints/pong/world.pt, ~25 min
   python train_agent.py --world checkpoints/breakout/world.pt --total-steps 200000
   python train_agent.py --resume --total-steps 600000           # go on from checkpoints/pong/agent.pt
+  python train_agent.py --env real --minutes 23 --total-steps 10000000   # the reference: the real game, 23 min
   torchrun --nproc_per_node 2 train_agent.py                    # 2 processes, 32 of the 64 dreams each
   python play.py --policy agent:checkpoints/pong/agent.pt       # watch it play the dream (and the shadow)
   python collect.py --policy agent:checkpoints/pong/agent.pt    # let it record more data
@@ -21,6 +27,7 @@ import os
 import sys
 import time
 
+import gymnasium as gym
 import imageio.v2 as imageio
 import numpy as np
 import torch
@@ -35,9 +42,18 @@ import common
 p = common.flags(__doc__)
 p.add_argument("--world", default="checkpoints/pong/world.pt", help="world model with reward heads (train_world.py)")
 p.add_argument("--game", default=None, help="a model of several games: the one to learn (None: its first)")
-p.add_argument("--out", default=None, help="agent checkpoint (default: agent.pt beside the world)")
-p.add_argument("--assets", default="assets", help="folder for <game>_agent_real.gif and <game>_agent_curve.png")
-p.add_argument("--total-steps", type=common.positive_int, default=300_000, help="dream steps to learn from, all dreams")
+p.add_argument("--env", default="dream", choices=["dream", "real"],
+               help="where the agent learns: the dream, or the real game as the reference a dream-trained agent "
+                    "is compared with (the world then only lends its tokenizer)")
+p.add_argument("--out", default=None, help="agent checkpoint (default: agent.pt, or reference.pt with --env real, "
+                                           "beside the world)")
+p.add_argument("--assets", default="assets", help="folder for <game>_agent_real.gif and <game>_agent_curve.png "
+                                                  "(<game>_reference_* with --env real)")
+p.add_argument("--total-steps", type=common.positive_int, default=300_000,
+               help="steps to learn from, over all dreams (or real games with --env real)")
+p.add_argument("--minutes", type=common.positive_float, default=None,
+               help="stop after this many minutes of wall clock, evaluations included, if --total-steps has not "
+                    "ended it first: agents compared at equal time (the learning rate anneals over the budget)")
 p.add_argument("--envs", type=common.positive_int, default=64, help="dreams stepped together in one forward pass")
 p.add_argument("--rollout", type=common.positive_int, default=32, help="steps of every dream per update")
 p.add_argument("--start", default="data", choices=["data", "env"],
@@ -77,7 +93,8 @@ CURVE = ("update", "step", "minutes", "policy", "real_mean", "real_std", "dream_
 
 
 # -----------------------------------------------------------------------------
-# the real game: only ever played here, never learned from
+# where the agent learns, and the real game, which evaluate() plays and only the reference
+# (--env real) learns from
 
 def evaluate(act, game, episodes, max_steps, gif_steps=0, seed=10_000):
     """Play `episodes` real games in lockstep through common.make_env, act(raw frames (B, 210, 160, 3),
@@ -102,8 +119,38 @@ def evaluate(act, game, episodes, max_steps, gif_steps=0, seed=10_000):
     return returns, gif
 
 
-def curve_png(rows, path, game):
-    """The learning curve: real return (mean and ± std) and the dream's return against dream steps,
+def dreams(wm, n, args):
+    """n dreams of the world, started from real frames (--start), paid and ended by its heads,
+    cut at --dream-steps; their observations are tokens."""
+    if wm.heads is None:
+        raise common.KitError(f"{args.world} has no reward heads (train_world.py --heads): "
+                              f"the dream gives no reward to learn from")
+    try:
+        return common.DreamVecEnv(wm, n, start=args.start, obs="tokens", max_episode_steps=args.dream_steps,
+                                  pool=args.start_pool, paying=args.paying_starts)
+    except ValueError as e:
+        raise common.KitError(f"{e} (--start env starts dreams from the emulator instead)") from None
+
+
+def real_games(wm, n, max_steps, device):
+    """--env real: n emulators (gymnasium's SyncVectorEnv, the dream's NEXT_STEP autoreset), each
+    game cut at max_steps, its rewards clipped to their sign (the dream's heads draw -1/0/+1, and
+    CleanRL clips Atari rewards the same way), its frames turned into the tokens the agent reads."""
+    def one():
+        return gym.wrappers.TransformReward(gym.wrappers.TimeLimit(common.make_env(wm.game), max_steps), np.sign)
+
+    @torch.no_grad()
+    def encode(frames):
+        return wm.tok.encode(common.preprocess(frames, wm.space).to(device)).cpu().numpy()
+
+    grid = encode(np.zeros((1, 210, 160, 3), np.uint8)).shape[1:]
+    space = gym.spaces.Box(0, wm.tok.n_codes - 1, grid, np.int64)
+    return gym.wrappers.vector.TransformObservation(gym.vector.SyncVectorEnv([one] * n), encode,
+                                                    gym.vector.utils.batch_space(space, n), space)
+
+
+def curve_png(rows, path, game, env="dream"):
+    """The learning curve: real return (mean and ± std) and the return where it learns (`env`) against its steps,
     the random policy's real return as a line. Drawn with pygame, the kit's one drawing library."""
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     import pygame
@@ -132,9 +179,9 @@ def curve_png(rows, path, game):
     for r in agent:  # the spread of the real episodes
         pygame.draw.line(img, (200, 40, 40), (px(r["step"]), py(r["real_mean"] - r["real_std"])),
                          (px(r["step"]), py(r["real_mean"] + r["real_std"])), 1)
-    labels = [(f"{game[4:-3]}: return vs dream steps", (0, 0, 0), (pad, 14)),
+    labels = [(f"{game[4:-3]}: return vs {env} steps", (0, 0, 0), (pad, 14)),
               ("real game (mean, std)", (200, 40, 40), (pad, H - 30)),
-              ("dream (per dream)", (40, 80, 200), (pad + 170, H - 30)),
+              ("dream (per dream)" if env == "dream" else "its games, clipped", (40, 80, 200), (pad + 170, H - 30)),
               ("random policy, real game", (120, 120, 120), (pad + 320, H - 30)),
               (f"{hi:.1f}", (0, 0, 0), (4, pad - 6)), (f"{lo:.1f}", (0, 0, 0), (4, H - pad - 6)),
               (f"{x_max:,}", (0, 0, 0), (W - pad - 30, H - pad + 4))]
@@ -233,24 +280,20 @@ def main():
         torch.set_num_threads(args.threads)
     rank, ranks, device = common.distributed(args.device)  # torchrun: one process per rank
     n_envs = common.per_rank(args.envs, ranks, "--envs")  # this rank's share of the dreams
-    out = args.out or os.path.join(os.path.dirname(args.world) or ".", "agent.pt")
+    kind = "agent" if args.env == "dream" else "reference"  # the files' names: a reference never overwrites an agent
+    out = args.out or os.path.join(os.path.dirname(args.world) or ".", f"{kind}.pt")
     world_key = common.file_key(args.world) if os.path.isfile(args.world) else None
 
     # -------------------------------------------------------------------------
-    # the dream: N dreams of the world, started from real frames, paid and ended by its heads
+    # where it learns: N dreams of the world, or N real games (--env real)
     wm = common.load_world(args.world, device, args.temperature, args.game)
     if not isinstance(wm, common.TokenWorld) or isinstance(wm, common.LatentActionWorld):
         raise common.KitError(f"{args.world} is not a token world (train_world.py): the agent reads its tokens")
-    if wm.heads is None:
-        raise common.KitError(f"{args.world} has no reward heads (train_world.py --heads): "
-                              f"the dream gives no reward to learn from")
-    try:
-        envs = common.DreamVecEnv(wm, n_envs, start=args.start, obs="tokens", max_episode_steps=args.dream_steps,
-                                  pool=args.start_pool, paying=args.paying_starts)
-    except ValueError as e:
-        raise common.KitError(f"{e} (--start env starts dreams from the emulator instead)") from None
     name = wm.game[4:-3].lower()
-    print(f"dream: {args.envs} x {name} in {args.world} at temperature {args.temperature:g}, starts from "
+    envs = real_games(wm, n_envs, args.eval_max_steps, device) if args.env == "real" else dreams(wm, n_envs, args)
+    print(f"real game: {args.envs} x {name}, tokens of {args.world}'s tokenizer, rewards clipped to their sign; "
+          f"actions {wm.action_meanings}" if args.env == "real" else
+          f"dream: {args.envs} x {name} in {args.world} at temperature {args.temperature:g}, starts from "
           f"{args.start}, cut at {args.dream_steps} steps; actions {wm.action_meanings}")
 
     # -------------------------------------------------------------------------
@@ -265,7 +308,7 @@ def main():
     tok, tok_args = wm.tok, common.load_checkpoint(args.world)["tokenizer_args"]  # the agent carries its eyes
     policy = common.AgentPolicy(agent, tok, wm.space, seed=args.seed)
     print(f"agent: {sum(p.numel() for p in agent.parameters()) / 1e6:.2f}M parameters on {device}; "
-          f"{args.envs} x {args.rollout} dream steps per update")
+          f"{args.envs} x {args.rollout} {args.env} steps per update")
 
     def save():
         if rank:  # one writer
@@ -286,9 +329,10 @@ def main():
                    real_mean=float(returns.mean()), real_std=float(returns.std()),
                    dream_return=float(np.mean(dream)) if dream else float("nan"), dream_episodes=len(state["finished"]))
         metrics["curve"].append(row)
-        tqdm.write(f"update {update} ({step:,} dream steps): real game {returns.mean():+.2f} ± {returns.std():.2f} "
-                   f"over {len(returns)} episodes (random {rand['real_mean']:+.2f} ± {rand['real_std']:.2f}); "
-                   f"dream {row['dream_return']:+.2f} ({time.perf_counter() - t0:.0f} s to play)")
+        tqdm.write(f"update {update} ({step:,} {args.env} steps): real game {returns.mean():+.2f} ± "
+                   f"{returns.std():.2f} over {len(returns)} episodes (random {rand['real_mean']:+.2f} ± "
+                   f"{rand['real_std']:.2f}); {args.env} {row['dream_return']:+.2f} ({time.perf_counter() - t0:.0f} s "
+                   f"to play)")
         return gif
 
     # -------------------------------------------------------------------------
@@ -308,6 +352,16 @@ def main():
     # loop: rollouts in the dream, PPO updates, the real game every --eval-every updates
     per_update = args.envs * args.rollout
     total_updates = -(-args.total_steps // per_update)
+
+    def spent():
+        """The share of the budget used: of the updates, or of --minutes if that ends first (the
+        ranks' mean, so that every rank anneals to the same rate and stops at the same update)."""
+        share = update_n / total_updates
+        if args.minutes:
+            clock = torch.tensor((time.time() - t_start) / 60 / args.minutes, device=device)
+            share = max(share, common.all_sum(clock, ranks).item() / ranks)
+        return share
+
     if rank:  # the weights above came from one seed on every rank; from here the ranks dream and act apart
         torch.manual_seed(args.seed + rank)
     codes, _ = envs.reset(seed=args.seed + step + rank)
@@ -315,12 +369,13 @@ def main():
     state = dict(obs=codes[:, None].repeat(1, agent.stack, 1, 1), ended=np.zeros(n_envs, bool),
                  returns=np.zeros(n_envs), finished=[])
     update_n = step // per_update
-    bar = tqdm(total=total_updates * per_update, initial=step, desc=f"agent {name}", unit="step", smoothing=0.1)
+    bar = tqdm(total=None if args.minutes else total_updates * per_update, initial=step, desc=f"agent {name}",
+               unit="step", smoothing=0.1)  # under --minutes the clock ends the run: its postfix counts down
     t_start, world_s, agent_s = time.time(), 0.0, 0.0
     try:
-        while update_n < total_updates:
+        while (done := spent()) < 1:
             for group in opt.param_groups:
-                group["lr"] = args.lr * (1 - update_n / total_updates)
+                group["lr"] = args.lr * (1 - done)
             t0 = time.perf_counter()
             batch, w = rollout(envs, agent, state, args.rollout, device)
             stats = update(agent, opt, batch, ranks, args)
@@ -328,9 +383,11 @@ def main():
             update_n, step = update_n + 1, step + per_update
             bar.update(per_update)
             dream = state["finished"][-50:]
-            bar.set_postfix(dream_ret=f"{np.mean(dream):+.2f}" if dream else "-",
-                            world=f"{world_s / (world_s + agent_s):.0%}", ent=f"{stats['ent']:.2f}")
-            if rank == 0 and update_n % args.eval_every == 0 and update_n < total_updates:
+            left = {"left": f"{args.minutes - (time.time() - t_start) / 60:.1f}min"} if args.minutes else {}
+            bar.set_postfix(ret=f"{np.mean(dream):+.2f}" if dream else "-", env=f"{world_s / (world_s + agent_s):.0%}",
+                            ent=f"{stats['ent']:.2f}", **left)
+            out_of_time = args.minutes and time.time() - t_start >= 60 * args.minutes  # the end evaluates anyway
+            if rank == 0 and update_n % args.eval_every == 0 and update_n < total_updates and not out_of_time:
                 real_eval(update_n)
                 save()
     except KeyboardInterrupt:
@@ -347,17 +404,18 @@ def main():
     gif = real_eval(update_n, args.gif_steps)
     save()
     os.makedirs(args.assets, exist_ok=True)
-    paths = [os.path.splitext(out)[0] + "_curve.csv", os.path.join(args.assets, f"{name}_agent_real.gif"),
-             os.path.join(args.assets, f"{name}_agent_curve.png")]
+    paths = [os.path.splitext(out)[0] + "_curve.csv", os.path.join(args.assets, f"{name}_{kind}_real.gif"),
+             os.path.join(args.assets, f"{name}_{kind}_curve.png")]
     with open(paths[0], "w", newline="") as f:
         w = csv.DictWriter(f, CURVE)
         w.writeheader()
         w.writerows(metrics["curve"])
     imageio.mimsave(paths[1], gif, duration=1000 / 30, loop=0)
-    curve_png(metrics["curve"], paths[2], wm.game)
+    curve_png(metrics["curve"], paths[2], wm.game, args.env)
     last = metrics["curve"][-1]
     share = world_s / max(world_s + agent_s, 1e-9)
-    print(f"trained {step:,} dream steps in {(time.time() - t_start) / 60:.1f} min ({share:.0%} in the world model); "
+    print(f"trained {step:,} {args.env} steps in {(time.time() - t_start) / 60:.1f} min ({share:.0%} stepping the "
+          f"{'world model' if args.env == 'dream' else 'emulators'}); "
           f"real game {last['real_mean']:+.2f} ± {last['real_std']:.2f} vs random "
           f"{rand['real_mean']:+.2f} ± {rand['real_std']:.2f}; wrote {out}, " + ", ".join(paths))
 

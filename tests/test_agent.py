@@ -43,6 +43,24 @@ def test_smoke_run_writes_agent_curve_and_real_evaluation(agent):
     assert (tmp / "pong_agent_real.gif").stat().st_size > 0 and (tmp / "pong_agent_curve.png").stat().st_size > 0
 
 
+def test_reference_learns_in_the_real_game_for_given_minutes(agent, tmp_path):
+    """--env real: the world lends only its tokenizer (a world without heads will do), the files are
+    the reference's (an agent beside it is not overwritten), and --minutes ends the run long
+    before --total-steps would."""
+    r = run_script("train_agent.py", "--world", agent["bare"], "--assets", tmp_path, "--env", "real",
+                   *AGENT, "--total-steps", "10000000", "--minutes", "0.05")
+    assert r.returncode == 0, describe(r)
+    assert "real game: 4 x pong" in r.stdout and "stepping the emulators" in r.stdout
+    out = agent["bare"].parent / "reference.pt"
+    ck = common.load_checkpoint(out, ("agent",))
+    assert 0 < ck["step"] < 10_000_000 and ck["step"] % 32 == 0 and ck["args"]["env"] == "real"
+    assert (tmp_path / "pong_reference_real.gif").is_file() and (tmp_path / "pong_reference_curve.png").is_file()
+    with open(agent["bare"].parent / "reference_curve.csv") as f:
+        assert [row["policy"] for row in csv.DictReader(f)][0] == "random"
+    out.unlink()
+    out.with_name("reference_curve.csv").unlink()
+
+
 def test_resume_goes_on_counting(agent, tmp_path):
     out = tmp_path / "agent.pt"
     shutil.copy(agent["agent"], out)
