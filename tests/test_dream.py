@@ -154,6 +154,73 @@ def test_memory_learns_the_timer_that_four_frames_cannot_count():
     assert serves_on_time(train_serve(memory=0)) == 0.0
 
 
+# -----------------------------------------------------------------------------
+# a mixture of outcomes (--chance): a frame drawn as one outcome
+
+def appear_episode(rng, n=120):
+    """1x4 token frames: two empty frames, then a ball (token 1) in one of the four cells at
+    random, gone the next step; repeat. When it comes is certain, where it comes is not."""
+    frames = []
+    while len(frames) < n:
+        f = np.zeros((1, 4), np.int64)
+        f[0, rng.integers(4)] = 1
+        frames += [np.zeros((1, 4), np.int64)] * 2 + [f]
+    return torch.as_tensor(np.stack(frames[:n]))
+
+
+def balls_drawn(chance, steps=300, T=4, draws=400):
+    """Train on appear_episode, then draw the frame after [.., ball, empty, empty] `draws` times
+    at temperature 1: cell by cell from the predicted distribution, or, a mixture of `chance`
+    outcomes, the outcome from the prior's nucleus and then each cell's most likely token given it -> how
+    many balls each draw has."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    eps = [{"tokens": appear_episode(rng), "actions": torch.zeros(119, dtype=torch.long)} for _ in range(4)]
+    args = train_world.p.parse_args(["--memory", "0", "--chance", str(chance), "--no-masked", "--motion-scale", "0",
+                                     "--eventness-scale", "0", "--persistence-scale", "0"])  # every cell weighs 1
+    dyn = common.TokenDynamics(2, 1, (1, 4), T, emb=8, dim=32, n_blocks=2, chance=chance)
+    opt = torch.optim.AdamW(dyn.parameters(), lr=3e-3)
+    pool = torch.tensor(common.windows([len(ep["tokens"]) for ep in eps], T + 1))
+    data = train_world.pack(eps, "cpu")
+    for _ in range(steps):
+        hist, act, tgt, _, game = train_world.batch(data, pool[rng.integers(len(pool), size=64)], T, 1)
+        loss = train_world.token_loss(dyn, hist, act, tgt, None, game, 1.0, torch.eye(2), torch.ones(1), args)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    hist = eps[0]["tokens"][1:T + 1][None].repeat(draws, 1, 1, 1)  # ends on the two empty frames
+    assert hist[0, -1].sum() == 0 and hist[0, -3].sum() == 1
+    with torch.no_grad():
+        a = torch.zeros(draws, dtype=torch.long)
+        if chance:
+            _, prior = dyn(hist, a, outcomes=True)
+            outcome = torch.distributions.Categorical(common.nucleus(prior.softmax(1), common.TOP_P)).sample()
+            nxt = dyn(hist, a, chance=outcome).argmax(1)
+        else:
+            nxt = torch.distributions.Categorical(logits=dyn(hist, a).movedim(1, -1)).sample()
+    return nxt.flatten(1).sum(1)
+
+
+def test_a_mixture_draws_one_ball_where_cells_drawn_alone_draw_none_or_two():
+    alone, coded = balls_drawn(chance=0), balls_drawn(chance=8)
+    assert (alone == 1).float().mean() < 0.6  # four cells at 1/4 each: exactly one ball 42% of the time
+    assert (coded == 1).float().mean() > 0.95
+
+
+def test_a_mixture_world_trains_saves_and_dreams_by_seed(tiny, tmp_path):
+    world = tmp_path / "mix.pt"
+    r = run_script("train_world.py", "--data", tiny["data"], "--tokenizer", tiny["vq"], "--out", world, "--assets",
+                   tmp_path, "--chance", "4", *WORLD)
+    assert r.returncode == 0, describe(r)
+    wm = common.load_world(world, temperature=0)
+    assert wm.dyn.chance == 4
+    frames = first_frames(wm)
+    assert np.array_equal(dream(wm, frames, ACTIONS, 1), dream(wm, frames, ACTIONS, 2))  # the likeliest outcome
+    wm = common.load_world(world, temperature=1.0)
+    a, b = dream(wm, frames, ACTIONS, 3), dream(wm, frames, ACTIONS, 3)
+    assert np.array_equal(a, b) and 0 <= int(wm.outcome[0]) < 4
+
+
 def test_ages_count_from_the_first_frame_and_stop_at_the_cap():
     tok = torch.tensor([[[0]], [[0]], [[1]], [[1]], [[1]], [[1]], [[1]]])  # (7, 1, 1)
     assert common.ages(tok, 3)[:, 0, 0].tolist() == [0, 1, 0, 1, 2, 3, 3]
