@@ -1375,7 +1375,7 @@ class TokenDynamics(nn.Module):
     def _pool(x):
         """(B, C, h, w) -> (B, 4C): each channel's mean, its max, and where it is (the expected
         cell under its softmax over the grid; Levine et al. 2016's spatial soft-argmax): pooling
-        alone forgets where the ball is, which is most of what a chance code has to say."""
+        alone forgets where the ball is, and where it goes is most of what the prior chooses."""
         B, C, h, w = x.shape
         cells = torch.stack(torch.meshgrid(torch.linspace(-1, 1, h, device=x.device),
                                            torch.linspace(-1, 1, w, device=x.device), indexing="ij"), -1)
