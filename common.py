@@ -1343,20 +1343,13 @@ class TokenDynamics(nn.Module):
     where it is not) as an input, so that the uncertain cells of a frame can be drawn given each
     other (MaskGIT, Chang et al. 2022): one ball served, not two halves of two balls. `games`
     > 0 makes one model of several games (seed 004): the game is an input, beside the actions,
-    which are then ALE's 18 (full_actions).
-
-    `chance` > 0 makes the next frame a mixture of `chance` outcomes, each a frame of
-    independent cells, weighted by a prior over them: a dream draws one outcome, then every
-    cell given it, so that the one ball goes one place, where cells drawn on their own can
-    leave it nowhere or in two (a mixture of factorized distributions, trained by its exact
-    likelihood; the chance outcomes of stochastic MuZero, Antonoglou et al. 2022, without
-    their encoder). The outcomes share the net up to its last 1x1 conv: K of them cost little."""
+    which are then ALE's 18 (full_actions)."""
 
     def __init__(self, n_codes, n_actions, grid, context=4, emb=32, dim=96, n_blocks=4, memory=0, masked=False,
-                 actions=1, games=0, chance=0):
+                 actions=1, games=0):
         super().__init__()
         self.n_codes, self.n_actions, self.context = n_codes, n_actions, context
-        self.memory, self.masked, self.actions, self.games, self.chance = memory, masked, actions, games, chance
+        self.memory, self.masked, self.actions, self.games = memory, masked, actions, games
         self.game = nn.Embedding(games, dim) if games else None
         n_act = n_actions if actions == 1 else actions * (n_actions + 1)  # per lag, and "unknown"
         self.tok = nn.Embedding(n_codes, emb)
@@ -1367,30 +1360,16 @@ class TokenDynamics(nn.Module):
         self.act = nn.Embedding(n_act, dim)
         self.act_bias = nn.Parameter(torch.zeros(n_act, dim, *grid))
         self.blocks = nn.ModuleList(FiLMBlock(dim, dim) for _ in range(n_blocks))
-        self.out = nn.Sequential(nn.GroupNorm(groups(dim), dim), nn.GELU(), nn.Conv2d(dim, n_codes * max(chance, 1), 1))
+        self.out = nn.Sequential(nn.GroupNorm(groups(dim), dim), nn.GELU(), nn.Conv2d(dim, n_codes, 1))
         self.copy = nn.Parameter(torch.tensor(3.0))
-        self.prior = nn.Linear(4 * dim, chance) if chance else None
 
-    @staticmethod
-    def _pool(x):
-        """(B, C, h, w) -> (B, 4C): each channel's mean, its max, and where it is (the expected
-        cell under its softmax over the grid; Levine et al. 2016's spatial soft-argmax): pooling
-        alone forgets where the ball is, and where it goes is most of what the prior chooses."""
-        B, C, h, w = x.shape
-        cells = torch.stack(torch.meshgrid(torch.linspace(-1, 1, h, device=x.device),
-                                           torch.linspace(-1, 1, w, device=x.device), indexing="ij"), -1)
-        where = x.flatten(2).softmax(-1) @ cells.view(-1, 2).to(x.dtype)
-        return torch.cat([x.mean((2, 3)), x.amax((2, 3)), where.flatten(1)], 1)
-
-    def forward(self, hist, action, age=None, partial=None, game=None, chance=None, outcomes=False):
+    def forward(self, hist, action, age=None, partial=None, game=None):
         """hist (B, T, h, w) long tokens, oldest first; action (B,) long, the action now, or (B,
         actions) long, the last actions, oldest first (n_actions: unknown), or (B, n_actions) float
         weights (a straight-through one-hot from train_latent_action.py); age (B, h, w) long, the
         memory; partial (B, h, w) long, the next frame's tokens decided so far, n_codes where not
-        (None: nothing decided); game (B,) long, which game (a model of several) -> logits (B,
-        n_codes, h, w). A mixture (`chance` outcomes): those of outcome `chance` (B,) long, or
-        with chance=None each cell's own distribution, the outcomes summed out; outcomes=True:
-        every outcome's logits (B, chance, n_codes, h, w) and the prior's (B, chance)."""
+        (None: nothing decided); game (B,) long, which game (a model of several) -> logits
+        (B, n_codes, h, w)"""
         B, T, h, w = hist.shape
         x = (self.tok(hist).permute(0, 1, 4, 2, 3) + self.time).reshape(B, -1, h, w)  # T frames of embeddings
         if self.memory:
@@ -1412,15 +1391,7 @@ class TokenDynamics(nn.Module):
         for blk in self.blocks:
             x = blk(x, a)
         copy = F.one_hot(hist[:, -1], self.n_codes).permute(0, 3, 1, 2).to(x.dtype)
-        if not self.chance:
-            return self.out(x) + self.copy * copy
-        modes = self.out(x).view(B, self.chance, self.n_codes, h, w) + self.copy * copy[:, None]
-        prior = self.prior(self._pool(x))
-        if outcomes:
-            return modes, prior
-        if chance is not None:
-            return modes[torch.arange(B, device=x.device), chance]
-        return torch.logsumexp(modes.log_softmax(2) + prior.log_softmax(1)[:, :, None, None, None], 1)
+        return self.out(x) + self.copy * copy
 
 
 def ages(tokens, cap, unknown=False):
@@ -1746,15 +1717,6 @@ class World:
         return a.to(self.device)
 
 
-def nucleus(p, top_p):
-    """Probabilities (N, K) -> the same, but 0 outside each row's nucleus (the fewest entries that
-    hold top_p of it, Holtzman et al. 2020), renormalized: the unlikely tail is never drawn."""
-    top, order = p.sort(1, descending=True)
-    inside = top.cumsum(1) - top < top_p
-    p = torch.where(torch.zeros_like(inside).scatter(1, order, inside), p, 0.0)
-    return p / p.sum(1, keepdim=True)
-
-
 class TokenWorld(World):
     """VQ-VAE tokenizer + token dynamics: `context` frames of tokens in, the next frame's tokens
     out: the argmax at temperature 0; else drawn from the predicted distribution at
@@ -1776,7 +1738,6 @@ class TokenWorld(World):
             self.n_actions = len(self.action_meanings)
         self.memory, self.age = getattr(dyn, "memory", 0), None
         self.past = None  # the actions before this one that the dynamics also see
-        self.outcome = None  # a mixture (dyn.chance): the outcome each dream drew at the last step
 
     @torch.inference_mode()
     def reset_batch(self, frames, seeds=None, rows=None):
@@ -1802,21 +1763,10 @@ class TokenWorld(World):
             a = torch.cat([self.past, a[:, None]], 1)
             self.past = a[:, 1:]
         game = None if self.game_index is None else self.game_index.expand(len(a))
-        age, outcome, first = self.age, None, None
-        if getattr(self.dyn, "chance", 0):  # a mixture: which outcome, drawn first; every cell follows it
-            modes, prior = self.dyn(self.hist, a, age, None, outcomes=True, **({} if game is None else {"game": game}))
-            rows = torch.arange(len(prior), device=self.device)
-            outcome = prior.argmax(1) if self.temperature == 0 else (self._gumbel((prior.shape[1],), rows) + nucleus(
-                (prior.float() / self.temperature).softmax(1), self.top_p).log()).argmax(1)
-            first, self.outcome = modes[rows, outcome], outcome
 
         def predict(rows, partial):
-            if partial is None and first is not None:
-                return first[rows]
             kw = {} if game is None else {"game": game[rows]}  # only a model of several games takes it
-            if outcome is not None:
-                kw["chance"] = outcome[rows]
-            return self.dyn(self.hist[rows], a[rows], None if age is None else age[rows], partial, **kw)
+            return self.dyn(self.hist[rows], a[rows], None if self.age is None else self.age[rows], partial, **kw)
         return self._advance(self.decode(predict), pixels)
 
     @torch.inference_mode()
@@ -1882,8 +1832,11 @@ class TokenWorld(World):
         b, y, x = changes.nonzero(as_tuple=True)  # the few cells that change: their new token
         counts = torch.bincount(b, minlength=len(rows)).tolist()  # noise for those cells only
         gumbel = self._gumbel((logits.shape[1],), rows, counts)
-        p = nucleus((logp[b, :, y, x] / self.temperature).scatter(1, copy[b, y, x, None], -math.inf).softmax(1),
-                    self.top_p)
+        p = (logp[b, :, y, x] / self.temperature).scatter(1, copy[b, y, x, None], -math.inf).softmax(1)
+        top, order = p.sort(1, descending=True)
+        inside = top.cumsum(1) - top < self.top_p
+        p = torch.where(torch.zeros_like(inside).scatter(1, order, inside), p, 0.0)
+        p = p / p.sum(1, keepdim=True)
         other = (p.log() + gumbel).argmax(1)
         nxt, sure = copy.clone(), torch.sigmoid(change)
         nxt[b, y, x] = other

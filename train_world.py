@@ -50,9 +50,6 @@ p.add_argument("--actions", type=common.positive_int, default=2,
 p.add_argument("--masked", action=argparse.BooleanOptionalAction, default=True,
                help="conv: also see the next frame as far as it is decided, so that sampling can decide uncertain "
                     "cells one after another (MaskGIT)")
-p.add_argument("--chance", type=common.nonneg_int, default=0,
-               help="conv: the next frame as a mixture of N outcomes: a dream draws one, then every cell given it, "
-                    "so that a frame is drawn as one outcome (0: every cell on its own)")
 p.add_argument("--heads", action=argparse.BooleanOptionalAction, default=True,
                help="also learn each transition's reward (its sign) and whether it ends the episode: "
                     "world.reward, world.terminated, DreamEnv")
@@ -144,28 +141,14 @@ def token_loss(dyn, hist, act, tgt, age, game, tf, emb, disc, args):
             r = torch.rand(2, B, 1, 1, device=hist.device)
             hide = torch.rand(w.shape, device=hist.device) < torch.where(r[0] < 0.5, 1.0, r[1])
             partial = torch.where(hide, dyn.n_codes, tgt[:, 0])
-        if args.chance:  # a mixture of outcomes: the frame's likelihood sums over them
-            modes, prior = dyn(hist, act[:, k:k + n], age, partial, game, outcomes=True)
-            ce = F.cross_entropy(modes.flatten(0, 1), tgt[:, k].repeat_interleave(args.chance, 0), reduction="none")
-            nll = (w * hide)[:, None].mul(ce.view(B, args.chance, *ce.shape[1:])).sum((2, 3))  # -log p(frame | outcome)
-            frame = prior.log_softmax(1) - nll
-            # relaxed winner-takes-all (Rupprecht et al. 2017): every outcome also learns a little of every
-            # frame, so that none is left behind by the first to explain them all; the prior keeps a floor
-            # under each (~MIX_EPS / chance), which the dream's nucleus leaves out
-            loss = loss - disc[k] * (frame.logsumexp(1) + MIX_EPS * frame.mean(1)).sum() / (w * hide).sum()
-            logits = modes[torch.arange(B), frame.argmax(1)]  # fed back: the outcome that explains the frame best
-        else:
-            logits = dyn(hist, act[:, k:k + n], age, partial, game)
-            ce = F.cross_entropy(logits, tgt[:, k], reduction="none")
-            loss = loss + disc[k] * (w * hide * ce).sum() / (w * hide).sum()  # the shown cells are no question
+        logits = dyn(hist, act[:, k:k + n], age, partial, game)
+        ce = F.cross_entropy(logits, tgt[:, k], reduction="none")
+        loss = loss + disc[k] * (w * hide * ce).sum() / (w * hide).sum()  # the shown cells are no question
         keep = (torch.rand(B, 1, 1, device=hist.device) < tf) | ~hide
         nxt = torch.where(keep, tgt[:, k], logits.detach().argmax(1))
         age = common.next_age(age, hist[:, -1], nxt, args.memory) if args.memory else None
         hist = torch.cat([hist[:, 1:], nxt[:, None]], 1)
     return loss
-
-
-MIX_EPS = 0.05
 
 
 def outcome_loss(heads, data, transitions, events, g, batch, args):
@@ -269,7 +252,7 @@ def main():
     most = max(len(m) for m in games.values())
     to_full = torch.tensor([common.full_actions(m) + [0] * (most - len(m)) for m in games.values()]) if joint else None
     if args.arch != "conv":  # the attention layout is kept as it was measured: one action, no memory
-        args.memory, args.masked, args.actions, args.chance = 0, False, 1, 0
+        args.memory, args.masked, args.actions = 0, False, 1
     if args.memory:  # the steps since each cell changed, counted from each episode's start (a reset)
         for ep in train + [ep for val in vals.values() for ep in val]:
             ep["ages"] = common.ages(ep["tokens"], args.memory).to(torch.uint8)
@@ -308,8 +291,6 @@ def main():
         model_args["masked"] = True
     if args.actions > 1:
         model_args["actions"] = args.actions
-    if args.chance:
-        model_args["chance"] = args.chance
     if joint:
         model_args["games"] = len(games)
 
