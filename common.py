@@ -2105,8 +2105,9 @@ class DreamVecEnv(gym.vector.VectorEnv):
     """`num_envs` dreams stepped in one forward pass of the world, each with its own seed, start
     and end: gymnasium's VectorEnv API and its default autoreset (NEXT_STEP: the step after an
     end returns the new episode's first observation, with reward 0, and ignores the action).
-    Dream i does what a DreamEnv reset with seed + i does (bit for bit where the arithmetic is
-    the same: on one thread, a batch rounds as single dreams do). obs="tokens" gives a token
+    Dream i does what a DreamEnv reset with seed + i does (the same draws where the arithmetic is
+    the same, as on one thread; on some CPUs the batched decoder still rounds a pixel one level
+    otherwise than a single frame's). obs="tokens" gives a token
     world's (h, w) tokens instead of frames, skipping the decoder."""
 
     metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP, "render_modes": []}

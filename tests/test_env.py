@@ -186,8 +186,9 @@ def test_vector_env_is_dreams_one_by_one(worlds, temperature, one_thread):
     for i in range(n):
         want = one_by_one(worlds["heads"], 5 + i, actions[:, i], temperature, steps)
         assert np.array_equal(got[i][0][0], want[0])
-        for k, (g, w) in enumerate(zip(got[i][1:], want[1:])):
-            assert np.array_equal(g[0], w[0]) and tuple(g[1:]) == tuple(w[1:]), (i, k)
+        for k, (g, w) in enumerate(zip(got[i][1:], want[1:])):  # the same dream: the same draws, ends and pay;
+            # the decoder's batched convs may round a pixel one level otherwise on some CPUs (oneDNN picks by batch)
+            assert np.abs(g[0].astype(int) - w[0]).max() <= 1 and tuple(g[1:]) == tuple(w[1:]), (i, k)
     for i in range(n):  # the first end: a drawn game over, or the truncation after `steps`; then a fresh start
         end = next(k for k, g in enumerate(got[i][1:]) if g[2] or g[3])
         assert end == steps - 1 or got[i][1 + end][2]
