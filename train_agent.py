@@ -280,8 +280,8 @@ def main():
         torch.set_num_threads(args.threads)
     rank, ranks, device = common.distributed(args.device)  # torchrun: one process per rank
     n_envs = common.per_rank(args.envs, ranks, "--envs")  # this rank's share of the dreams
-    kind = "agent" if args.env == "dream" else "reference"  # the files' names: a reference never overwrites an agent
-    out = args.out or os.path.join(os.path.dirname(args.world) or ".", f"{kind}.pt")
+    stem = "agent" if args.env == "dream" else "reference"  # the files' names: a reference never overwrites an agent
+    out = args.out or os.path.join(os.path.dirname(args.world) or ".", f"{stem}.pt")
     world_key = common.file_key(args.world) if os.path.isfile(args.world) else None
 
     # -------------------------------------------------------------------------
@@ -290,11 +290,14 @@ def main():
     if not isinstance(wm, common.TokenWorld) or isinstance(wm, common.LatentActionWorld):
         raise common.KitError(f"{args.world} is not a token world (train_world.py): the agent reads its tokens")
     name = wm.game[4:-3].lower()
-    envs = real_games(wm, n_envs, args.eval_max_steps, device) if args.env == "real" else dreams(wm, n_envs, args)
-    print(f"real game: {args.envs} x {name}, tokens of {args.world}'s tokenizer, rewards clipped to their sign; "
-          f"actions {wm.action_meanings}" if args.env == "real" else
-          f"dream: {args.envs} x {name} in {args.world} at temperature {args.temperature:g}, starts from "
-          f"{args.start}, cut at {args.dream_steps} steps; actions {wm.action_meanings}")
+    if args.env == "real":
+        envs = real_games(wm, n_envs, args.eval_max_steps, device)
+        print(f"real game: {args.envs} x {name}, tokens of {args.world}'s tokenizer, rewards clipped to their sign; "
+              f"actions {wm.action_meanings}")
+    else:
+        envs = dreams(wm, n_envs, args)
+        print(f"dream: {args.envs} x {name} in {args.world} at temperature {args.temperature:g}, starts from "
+              f"{args.start}, cut at {args.dream_steps} steps; actions {wm.action_meanings}")
 
     # -------------------------------------------------------------------------
     # the agent
@@ -325,7 +328,7 @@ def main():
                                                                      fresh),
                                 wm.game, args.eval_episodes, args.eval_max_steps, gif_steps)
         dream = state["finished"][-50:]
-        row = dict(update=update, step=step, minutes=(time.time() - t_start) / 60, policy="agent",
+        row = dict(update=update, step=step, minutes=minutes(), policy="agent",
                    real_mean=float(returns.mean()), real_std=float(returns.std()),
                    dream_return=float(np.mean(dream)) if dream else float("nan"), dream_episodes=len(state["finished"]))
         metrics["curve"].append(row)
@@ -353,12 +356,15 @@ def main():
     per_update = args.envs * args.rollout
     total_updates = -(-args.total_steps // per_update)
 
+    def minutes():  # of wall clock since the loop began: what --minutes bounds
+        return (time.time() - t_start) / 60
+
     def spent():
         """The share of the budget used: of the updates, or of --minutes if that ends first (the
         ranks' mean, so that every rank anneals to the same rate and stops at the same update)."""
         share = update_n / total_updates
         if args.minutes:
-            clock = torch.tensor((time.time() - t_start) / 60 / args.minutes, device=device)
+            clock = torch.tensor(minutes() / args.minutes, device=device)
             share = max(share, common.all_sum(clock, ranks).item() / ranks)
         return share
 
@@ -383,10 +389,10 @@ def main():
             update_n, step = update_n + 1, step + per_update
             bar.update(per_update)
             dream = state["finished"][-50:]
-            left = {"left": f"{args.minutes - (time.time() - t_start) / 60:.1f}min"} if args.minutes else {}
+            left = {"left": f"{args.minutes - minutes():.1f}min"} if args.minutes else {}
             bar.set_postfix(ret=f"{np.mean(dream):+.2f}" if dream else "-", env=f"{world_s / (world_s + agent_s):.0%}",
                             ent=f"{stats['ent']:.2f}", **left)
-            out_of_time = args.minutes and time.time() - t_start >= 60 * args.minutes  # the end evaluates anyway
+            out_of_time = args.minutes and minutes() >= args.minutes  # the end evaluates anyway
             if rank == 0 and update_n % args.eval_every == 0 and update_n < total_updates and not out_of_time:
                 real_eval(update_n)
                 save()
@@ -404,8 +410,8 @@ def main():
     gif = real_eval(update_n, args.gif_steps)
     save()
     os.makedirs(args.assets, exist_ok=True)
-    paths = [os.path.splitext(out)[0] + "_curve.csv", os.path.join(args.assets, f"{name}_{kind}_real.gif"),
-             os.path.join(args.assets, f"{name}_{kind}_curve.png")]
+    paths = [os.path.splitext(out)[0] + "_curve.csv", os.path.join(args.assets, f"{name}_{stem}_real.gif"),
+             os.path.join(args.assets, f"{name}_{stem}_curve.png")]
     with open(paths[0], "w", newline="") as f:
         w = csv.DictWriter(f, CURVE)
         w.writeheader()
@@ -414,7 +420,7 @@ def main():
     curve_png(metrics["curve"], paths[2], wm.game, args.env)
     last = metrics["curve"][-1]
     share = world_s / max(world_s + agent_s, 1e-9)
-    print(f"trained {step:,} {args.env} steps in {(time.time() - t_start) / 60:.1f} min ({share:.0%} stepping the "
+    print(f"trained {step:,} {args.env} steps in {minutes():.1f} min ({share:.0%} stepping the "
           f"{'world model' if args.env == 'dream' else 'emulators'}); "
           f"real game {last['real_mean']:+.2f} ± {last['real_std']:.2f} vs random "
           f"{rand['real_mean']:+.2f} ± {rand['real_std']:.2f}; wrote {out}, " + ", ".join(paths))
