@@ -258,18 +258,19 @@ def starts(wm, seed, warmup=70):
 
 
 def closed_loop_stats(scenes, actions, game, jump, smear):
-    """Per run: the share of frames with a ball; per 1000 steps: serves (a ball after 4 or more
-    frames without one), balls vanishing in mid-field (a real ball leaves by an edge or hides at
-    a paddle or in the bricks), jumps farther than `jump` raw pixels, points each way (Pong) or
-    balls lost at the bottom (Breakout), brick pixels broken; frames with two balls or a blob
-    bigger than `smear`; and how the paddle follows the keys: the correlation of the key's
-    direction at step t with the paddle's move one step later (the emulator answers a key a
-    step late)."""
+    """Per run: the share of frames with a ball, and with the player's paddle; per 1000 steps:
+    serves (a ball after 4 or more frames without one), balls vanishing in mid-field (a real
+    ball leaves by an edge or hides at a paddle or in the bricks), jumps farther than `jump`
+    raw pixels, points each way (Pong) or balls lost at the bottom (Breakout), brick pixels
+    broken; frames with two balls or a blob bigger than `smear`; and how the paddle follows
+    the keys: the correlation of the key's direction at step t with the paddle's move one step
+    later (the emulator answers a key a step late)."""
     pong, n = game == "ALE/Pong-v5", len(actions)
-    m = dict(ball=0.0, serves=0, vanish=0, multi=0, jumps=0, player=0, opponent=0, bricks=0.0)
+    m = dict(ball=0.0, paddle=0.0, serves=0, vanish=0, multi=0, jumps=0, player=0, opponent=0, bricks=0.0)
     gap = 0
     for prev, s in zip(scenes, scenes[1:]):
         m["ball"] += bool(s["balls"]) / n
+        m["paddle"] += (s["paddle"] is not None) / n  # a paddle that moves can fade out of a dream
         m["serves"] += bool(s["balls"]) and gap >= 4
         gap = 0 if s["balls"] else gap + 1
         m["multi"] += len(s["balls"]) > 1 or any(b[2] > smear for b in s["balls"])
@@ -343,7 +344,9 @@ def bench_dream(args):
     print(f"closed loop, {args.world} at temperature {wm.temperature:g}: {n} steps from each of {args.seeds} "
           f"fresh resets and {args.seeds} rallies (jump: over {jump:.0f} raw px; smear: over {smear:.0f} raw px^2)")
     print("| | start | real game | dream |\n|---|---|---|---|")
-    rows = [("share of frames with a ball", "ball", "{:.2f}"), ("serves per 1000 steps", "serves", "{:.1f}"),
+    rows = [("share of frames with a ball", "ball", "{:.2f}"),
+            ("share of frames with the player's paddle", "paddle", "{:.2f}"),
+            ("serves per 1000 steps", "serves", "{:.1f}"),
             ("ball vanishing in mid-field per 1000 steps", "vanish", "{:.1f}"),
             ("frames with two balls or a smear", "multi", "{:.1%}"),
             ("impossible jumps per 1000 steps", "jumps", "{:.1f}"),

@@ -41,7 +41,7 @@ p.add_argument("--out", default=None, help="world checkpoint (default: checkpoin
 p.add_argument("--context", type=common.positive_int, default=4, help="frames of history")
 p.add_argument("--arch", default="conv", choices=["conv", "attn"], help="conv on the token grid, or attention over it")
 p.add_argument("--dim", type=common.positive_int, default=32, help="channels of the net")
-p.add_argument("--emb", type=common.positive_int, default=16, help="token embedding size per history frame")
+p.add_argument("--emb", type=common.positive_int, default=32, help="token embedding size per history frame")
 p.add_argument("--blocks", type=common.positive_int, default=3, help="residual FiLM blocks (2 convs each)")
 p.add_argument("--memory", type=common.nonneg_int, default=32,
                help="conv: also see the steps since each cell last changed, up to N (0: no memory beyond the context)")
@@ -59,10 +59,10 @@ p.add_argument("--event-share", type=common.probability, default=0.5,
 p.add_argument("--fresh-starts", type=common.probability, default=0.25,
                help="share of training windows that start as a dream from real frames does: no memory, "
                     "no earlier action")
-p.add_argument("--steps", type=common.positive_int, default=2400, help="optimizer steps")
+p.add_argument("--steps", type=common.positive_int, default=2900, help="optimizer steps")
 p.add_argument("--batch", type=common.positive_int, default=16, help="windows per batch")
-p.add_argument("--lr", type=common.positive_float, default=1e-3, help="AdamW learning rate (cosine decay)")
-p.add_argument("--rollout", type=common.positive_int, default=3,
+p.add_argument("--lr", type=common.positive_float, default=3e-3, help="AdamW learning rate (cosine decay)")
+p.add_argument("--rollout", type=common.positive_int, default=2,
                help="K: steps unrolled on the model's own predictions (seed 003: 5)")
 p.add_argument("--teacher-forcing", type=common.probability, default=0.1,
                help="final probability of feeding the true tokens (seed 003)")

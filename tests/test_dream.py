@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 import common
 import train_world
 from conftest import describe, first_frames, run_script
@@ -166,13 +167,23 @@ def test_bench_dream_runs(tiny, tmp_path):
     gif = tmp_path / "long.gif"
     r = run_script("bench.py", "dream", "--world", tiny["world"], "--steps", "25", "--seeds", "1", "--gif", gif)
     assert r.returncode == 0, describe(r)
-    for words in ("share of frames with a ball", "serves per 1000 steps", "ball vanishing in mid-field",
-                  "two balls or a smear", "impossible jumps", "paddle follows the keys", "points per 1000 steps"):
+    for words in ("share of frames with a ball", "with the player's paddle", "serves per 1000 steps",
+                  "ball vanishing in mid-field", "two balls or a smear", "impossible jumps", "paddle follows the keys",
+                  "points per 1000 steps"):
         assert words in r.stdout, words
     from PIL import Image, ImageSequence
     with Image.open(gif) as im:  # 25 steps of 67 ms, which GIF stores in centiseconds (60 ms); identical
         # neighbours are folded into one frame's duration
         assert sum(f.info["duration"] for f in ImageSequence.Iterator(im)) == 25 * 60
+
+
+def test_closed_loop_stats_count_the_paddle_and_a_ball_gone_in_mid_field():
+    ball, gone = [(100.0, 80.0, 4.0)], []  # raw (row, col, area): mid-field
+    scenes = [dict(paddle=p, balls=b) for p, b in ((100.0, ball), (100.0, ball), (None, gone), (100.0, gone),
+                                                   (None, gone))]
+    m = bench.closed_loop_stats(scenes, [0] * 4, "ALE/Pong-v5", jump=20.0, smear=50.0)
+    assert m["paddle"] == pytest.approx(0.5) and m["ball"] == pytest.approx(0.25)
+    assert m["vanish"] == pytest.approx(1000 / 4) and m["serves"] == 0
 
 
 @pytest.mark.parametrize("flags, words", [
