@@ -41,7 +41,8 @@ p.add_argument("--out", default=None, help="world checkpoint (default: checkpoin
 p.add_argument("--context", type=common.positive_int, default=4, help="frames of history")
 p.add_argument("--arch", default="conv", choices=["conv", "attn"], help="conv on the token grid, or attention over it")
 p.add_argument("--dim", type=common.positive_int, default=32, help="channels of the net")
-p.add_argument("--emb", type=common.positive_int, default=32, help="token embedding size per history frame")
+p.add_argument("--emb", type=common.positive_int, default=32,
+               help="token embedding size per history frame (16 left the paddle 6-10 px off at 10 steps: README)")
 p.add_argument("--blocks", type=common.positive_int, default=3, help="residual FiLM blocks (2 convs each)")
 p.add_argument("--memory", type=common.nonneg_int, default=32,
                help="conv: also see the steps since each cell last changed, up to N (0: no memory beyond the context)")
@@ -61,7 +62,8 @@ p.add_argument("--fresh-starts", type=common.probability, default=0.25,
                     "no earlier action")
 p.add_argument("--steps", type=common.positive_int, default=2900, help="optimizer steps")
 p.add_argument("--batch", type=common.positive_int, default=16, help="windows per batch")
-p.add_argument("--lr", type=common.positive_float, default=3e-3, help="AdamW learning rate (cosine decay)")
+p.add_argument("--lr", type=common.positive_float, default=3e-3,
+               help="AdamW learning rate, cosine decay (the small net underfits at 1e-3: README, what was tried)")
 p.add_argument("--rollout", type=common.positive_int, default=2,
                help="K: steps unrolled on the model's own predictions (seed 003: 5)")
 p.add_argument("--teacher-forcing", type=common.probability, default=0.1,
