@@ -61,7 +61,8 @@ class ForkServer:
                 os.kill(pid, signal.SIGKILL)
                 replies.get(timeout=60)
                 raise subprocess.TimeoutExpired(argv, timeout, out.read_text(), err.read_text())
-            return subprocess.CompletedProcess(argv, rc, out.read_text(errors="replace"), err.read_text(errors="replace"))
+            text = [f.read_text(errors="replace") for f in (out, err)]
+            return subprocess.CompletedProcess(argv, rc, *text)
 
 
 _server = None

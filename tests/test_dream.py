@@ -169,7 +169,7 @@ def test_bench_dream_runs(tiny, tmp_path):
     assert r.returncode == 0, describe(r)
     for words in ("share of frames with a ball", "with the player's paddle", "serves per 1000 steps",
                   "ball vanishing in mid-field", "two balls or a smear", "impossible jumps", "paddle follows the keys",
-                  "points per 1000 steps"):
+                  "points per 1000 steps", "draws that keep the ball"):
         assert words in r.stdout, words
     from PIL import Image, ImageSequence
     with Image.open(gif) as im:  # 25 steps of 67 ms, which GIF stores in centiseconds (60 ms); identical
@@ -184,6 +184,36 @@ def test_closed_loop_stats_count_the_paddle_and_a_ball_gone_in_mid_field():
     m = bench.closed_loop_stats(scenes, [0] * 4, "ALE/Pong-v5", jump=20.0, smear=50.0)
     assert m["paddle"] == pytest.approx(0.5) and m["ball"] == pytest.approx(0.25)
     assert m["vanish"] == pytest.approx(1000 / 4) and m["serves"] == 0
+
+
+class LastFrame:
+    """A stand-in world whose next frame is the last one it was shown (a ball in mid-field stays),
+    or that frame with the field blanked (the ball is lost)."""
+
+    def __init__(self, wm, blank):
+        self.context, self.game, self.space, self.blank = wm.context, wm.game, wm.space, blank
+
+    def reset_batch(self, frames, seeds=None):
+        self.last = frames[:, -1].clone()
+
+    def reconstruct(self, frames):  # a perfect tokenizer
+        return frames[:, -1]
+
+    def step_batch(self, actions):
+        if self.blank:
+            bg = self.last[:, :, 40:41].median(3, keepdim=True).values  # a mid-field row's most common colour
+            self.last[:, :, 14:78] = bg  # the whole field, between the walls
+        return self.last
+
+
+def test_kept_ball_counts_the_draws_with_a_ball(tiny):
+    wm = common.load_world(tiny["world"])
+    env, start = bench.starts(wm, 0)[1]  # mid-rally: the ball is in play
+    run = bench.play(wm, env, start, 30, 0, dream=False)
+    env.close()
+    assert bench.kept_ball(LastFrame(wm, blank=False), [run], draws=2)[:2] == (1.0, 1.0)
+    kept, drawable, n = bench.kept_ball(LastFrame(wm, blank=True), [run], draws=2)
+    assert kept == 0.0 and drawable == 1.0 and n > 0
 
 
 @pytest.mark.parametrize("flags, words", [
