@@ -326,8 +326,8 @@ def kept_ball(wm, runs, draws=16, most=256, chunk=256):
     windows = torch.stack([common.frames_tensor(np.stack(f)) for f, _ in picks])  # T frames, then the next
     frames, actions = windows[:, :T].repeat_interleave(draws, 0), [a for _, a in picks for _ in range(draws)]
     kept = []
-    for i in range(0, len(actions), chunk):
-        wm.reset_batch(frames[i:i + chunk], seeds=range(i, i + len(frames[i:i + chunk])))
+    for i, start in zip(range(0, len(actions), chunk), frames.split(chunk)):
+        wm.reset_batch(start, seeds=range(i, i + len(start)))
         kept += [has_ball(f) for f in wm.step_batch(actions[i:i + chunk])]
     drawable = [has_ball(f) for w in windows.split(chunk) for f in wm.reconstruct(w)]
     return float(np.mean(kept)), float(np.mean(drawable)), len(picks)

@@ -43,7 +43,7 @@ class ForkServer:
     def _read(self):
         for line in self.proc.stdout:
             msg = json.loads(line)
-            self.replies[msg["id"]].put(msg)
+            (self.replies.pop if "rc" in msg else self.replies.get)(msg["id"]).put(msg)  # "rc" is a run's last reply
 
     def run(self, argv, timeout):
         rid, replies = next(self.ids), queue.Queue()

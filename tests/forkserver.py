@@ -45,7 +45,9 @@ def child(req):
     os.close(REPLIES)
     for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, req["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
                             (2, req["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
-        os.dup2(os.open(path, flags), fd)
+        opened = os.open(path, flags)
+        os.dup2(opened, fd)
+        os.close(opened)
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
