@@ -2253,9 +2253,10 @@ BREAKOUT_PADDLE = (189, 193)        # raw rows of the paddle
 
 def breakout_objects(frame, space):
     """A Breakout frame in `space` -> {"paddle": its column or None, "balls": [(row, col,
-    area)], "bricks": raw pixels of brick left} in raw 210x160 pixels. Balls are searched
-    between the walls, above the paddle and outside the brick rows (a ball in a brick gap is
-    not seen); the background is black."""
+    area)], "bricks": raw pixels of brick left} in raw 210x160 pixels. Balls are searched from
+    wall to wall, above the paddle and off every pixel that touches a brick row (a ball in a
+    brick gap is not seen), against each column's darkest pixel: black, or the share of a wall
+    in the pixels that straddle one, the same all the way down."""
     g, sy, sx = _gray(frame, space)
     rows = lambda a, b: slice(int(np.ceil(a / sy)), int(b / sy))
     c0, c1 = int(np.ceil(BREAKOUT_FIELD[2] / sx)), int(BREAKOUT_FIELD[3] / sx)
@@ -2264,8 +2265,10 @@ def breakout_objects(frame, space):
     bricks = float((g[rows(*BREAKOUT_BRICKS), c0:c1] > 20).sum()) * sy * sx
     fg = np.zeros_like(g)
     r0, r1 = int(np.ceil(BREAKOUT_FIELD[0] / sy)), int(BREAKOUT_PADDLE[0] / sy) - 1
-    fg[r0:r1, c0:c1] = np.clip(g[r0:r1, c0:c1] - 20, 0, None)
-    fg[rows(*BREAKOUT_BRICKS)] = 0
+    w0, w1 = int(BREAKOUT_FIELD[2] / sx), int(np.ceil(BREAKOUT_FIELD[3] / sx))  # the wall pixels too
+    field = g[r0:r1, w0:w1]
+    fg[r0:r1, w0:w1] = np.clip(field - field.min(0) - 10, 0, None)
+    fg[int(BREAKOUT_BRICKS[0] / sy):int(np.ceil(BREAKOUT_BRICKS[1] / sy))] = 0
     balls = [(r * sy, c * sx, n * sy * sx) for r, c, n, peak in blobs(fg > 10, fg) if peak > 25]
     return {"paddle": paddle, "balls": balls, "bricks": bricks}
 

@@ -164,3 +164,43 @@ def test_dream_env_of_one_game(joint):
     obs, _ = env.reset(seed=0)
     assert env.step(3)[0].shape == obs.shape
     env.close()
+
+
+# -----------------------------------------------------------------------------
+# the ball detectors the closed-loop scores count with
+
+@pytest.mark.parametrize("game,color,field,blind", [
+    ("Pong", (236, 236, 236), (44, 184, 34, 127), [(0, 34), (194, 210)]),
+    # Breakout's bricks and paddle are drawn in the ball's colours: the detector does not look there
+    ("Breakout", (200, 72, 72), (105, 177, 8, 152), [(0, 32), (57, 93), (185, 210)]),
+])
+def test_ball_detectors_see_every_real_ball(game, color, field, blind):
+    """Every ball the emulator draws in mid-field (a wall next to it included) is seen once, near
+    where it is, in every frame space, and none where there is none: a miss would count as the
+    real game's ball vanishing in mid-field, the number the dream's is held against."""
+    detect = common.pong_objects if game == "Pong" else common.breakout_objects
+    env, rng = common.make_env(game, seed=0), np.random.default_rng(0)
+    raws = []
+    for _ in range(400):
+        obs, _, term, trunc, _ = env.step(int(rng.integers(env.action_space.n)))
+        raws.append(obs)
+        if term or trunc:
+            env.reset()
+    env.close()
+    r0, r1, c0, c1 = field
+    seen = empty = 0
+    for space in common.FRAME_SPACES:
+        for raw, frame in zip(raws, common.preprocess(np.stack(raws), space)):
+            ball = np.all(raw == color, axis=-1)
+            for a, b in blind:
+                ball[a:b] = False
+            found = detect(common.to_image(frame), space)["balls"]
+            if ball[r0:r1, c0:c1].any():
+                rows, cols = np.nonzero(ball[r0:r1, c0:c1])
+                assert len(found) == 1, (space, rows.mean() + r0, cols.mean() + c0, found)
+                assert abs(found[0][0] - rows.mean() - r0) < 5 and abs(found[0][1] - cols.mean() - c0) < 5, found
+                seen += 1
+            elif not ball.any():
+                assert not found, (space, found)
+                empty += 1
+    assert seen >= 150 and empty >= 30, (seen, empty)
