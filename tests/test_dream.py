@@ -1,6 +1,7 @@
 """Dreams that stay a game: sampling (temperature 0 is the argmax, a seed fixes a dream, a batch
 of dreams is the dreams one by one), the memory for hidden timers (a synthetic serve: an event
-a fixed number of steps after the screen goes still), `bench.py dream` end to end, bad input."""
+a fixed number of steps after the screen goes still), `bench.py dream` end to end, the ball
+detectors it counts with against the emulator's own frames, bad input."""
 import shutil
 
 import numpy as np
@@ -175,6 +176,42 @@ def test_bench_dream_runs(tiny, tmp_path):
     with Image.open(gif) as im:  # 25 steps of 67 ms, which GIF stores in centiseconds (60 ms); identical
         # neighbours are folded into one frame's duration
         assert sum(f.info["duration"] for f in ImageSequence.Iterator(im)) == 25 * 60
+
+
+@pytest.mark.parametrize("game,color,blind", [
+    ("ALE/Pong-v5", (236, 236, 236), [(0, 34), (194, 210)]),
+    # Breakout's bricks and paddle are drawn in the ball's colours: the detector does not look there
+    ("ALE/Breakout-v5", (200, 72, 72), [(0, 32), (57, 93), (185, 210)]),
+])
+def test_ball_detectors_see_every_real_ball(game, color, blind):
+    """Every ball the emulator draws in mid-field (a wall next to it included) is seen once, near
+    where it is, in every frame space, and none where there is none: a miss would count as the
+    real game's ball vanishing in mid-field, the number the dream's is held against."""
+    env, rng = common.make_env(game, seed=0), np.random.default_rng(0)
+    raws = []
+    for _ in range(400):
+        obs, _, term, trunc, _ = env.step(int(rng.integers(env.action_space.n)))
+        raws.append(obs)
+        if term or trunc:
+            env.reset()
+    env.close()
+    seen = empty = 0
+    for space in common.FRAME_SPACES:
+        for raw, frame in zip(raws, common.preprocess(np.stack(raws), space)):
+            ball = np.all(raw == color, axis=-1)
+            for a, b in blind:
+                ball[a:b] = False
+            found = bench.scene(game, common.to_image(frame), space)["balls"]
+            if not ball.any():
+                assert not found, (space, found)
+                empty += 1
+                continue
+            where = [r.mean() for r in np.nonzero(ball)]  # raw row, column
+            if bench.midfield(game, where):
+                assert len(found) == 1, (space, where, found)
+                assert abs(found[0][0] - where[0]) < 5 and abs(found[0][1] - where[1]) < 5, (space, where, found)
+                seen += 1
+    assert seen >= 150 and empty >= 30, (seen, empty)
 
 
 def test_closed_loop_stats_count_the_paddle_and_a_ball_gone_in_mid_field():
