@@ -164,4 +164,3 @@ def test_dream_env_of_one_game(joint):
     obs, _ = env.reset(seed=0)
     assert env.step(3)[0].shape == obs.shape
     env.close()
-
