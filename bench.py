@@ -31,7 +31,8 @@ the dream after its start. It prints how often a ball is on screen, serves, ball
 in mid-field, frames with two balls or a smear, impossible jumps, points (Breakout: bricks),
 and how well the paddle follows the keys; then, one step from the real game's frames wherever
 its ball is in mid-field, how often the dream's next frame keeps a ball (what the vanish rate
-comes from); and writes assets/<game>_long_dream.gif.
+comes from), and whether the lost draws pile up on a few states; and writes
+assets/<game>_long_dream.gif.
 """
 import argparse
 import os
@@ -316,12 +317,15 @@ def kept_ball(wm, runs, draws=16, most=256, chunk=256):
     which sets how soon a dreamed rally ends: the vanish target, 2 per 1000 steps with a ball on
     screen 78% of them, asks for under 0.26% a step (0.997 kept). Beside it, the share of the
     true next frames whose tokenizer round trip keeps the ball: the most the dream can keep.
-    -> (dream, tokenizer, states)"""
+    And where the losses are: the states that lose the ball in half their draws or more, and
+    their share of all lost draws. Spread thinly over every state, the loss would be the
+    sampling's (a ball split over candidate cells); piled on a few, it is the model's belief.
+    -> (dream, tokenizer, states, stuck states, their share of the lost draws)"""
     T, has_ball = wm.context, lambda f: bool(scene(wm.game, common.to_image(f), wm.space)["balls"])
     picks = [(frames[i:i + T + 1], a) for frames, scenes, actions in runs for i, a in enumerate(actions)
              if scenes[i]["balls"] and midfield(wm.game, scenes[i]["balls"][0]) and scenes[i + 1]["balls"]]
     if not picks:
-        return float("nan"), float("nan"), 0
+        return float("nan"), float("nan"), 0, 0, float("nan")
     picks = [picks[i] for i in np.linspace(0, len(picks) - 1, min(most, len(picks))).astype(int)]
     windows = torch.stack([common.frames_tensor(np.stack(f)) for f, _ in picks])  # T frames, then the next
     frames, actions = windows[:, :T].repeat_interleave(draws, 0), [a for _, a in picks for _ in range(draws)]
@@ -330,7 +334,10 @@ def kept_ball(wm, runs, draws=16, most=256, chunk=256):
         wm.reset_batch(start, seeds=range(i, i + len(start)))
         kept += [has_ball(f) for f in wm.step_batch(actions[i:i + chunk])]
     drawable = [has_ball(f) for w in windows.split(chunk) for f in wm.reconstruct(w)]
-    return float(np.mean(kept)), float(np.mean(drawable)), len(picks)
+    lost = 1 - np.reshape(kept, (len(picks), draws)).mean(1)  # per state
+    stuck = lost >= 0.5
+    share = lost[stuck].sum() / lost.sum() if lost.sum() else float("nan")
+    return float(np.mean(kept)), float(np.mean(drawable)), len(picks), int(stuck.sum()), float(share)
 
 
 def drawn_ball(wm, runs, every=5):
@@ -395,9 +402,10 @@ def bench_dream(args):
         for start in ("reset", "rally"):
             print(f"| {label} | {start} | {fmt.format(mean(key, start, False))} | "
                   f"{fmt.format(mean(key, start, True))} |")
-    kept, drawable, n_states = kept_ball(wm, [runs[k] for k in runs if not k[2]])
+    kept, drawable, n_states, stuck, share = kept_ball(wm, [runs[k] for k in runs if not k[2]])
     print(f"one step from real frames with a ball in mid-field ({n_states} of them, 16 draws each): "
-          f"draws that keep the ball {kept:.3f}; the tokenizer's round trip of the true next frame {drawable:.3f}")
+          f"draws that keep the ball {kept:.3f}; the tokenizer's round trip of the true next frame {drawable:.3f}; "
+          f"{stuck} of the states lose it in half their draws or more, {share:.0%} of the lost draws")
     name = wm.game[4:-3].lower()
     gif = args.gif or os.path.join("assets", f"{name}_long_dream.gif")
     long_dream_gif(runs["reset", 0, False][0][wm.context:], runs["reset", 0, True][0][wm.context:], gif)

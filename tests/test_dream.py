@@ -225,10 +225,11 @@ def test_closed_loop_stats_count_the_paddle_and_a_ball_gone_in_mid_field():
 
 class LastFrame:
     """A stand-in world whose next frame is the last one it was shown (a ball in mid-field stays),
-    or that frame with the field blanked (the ball is lost)."""
+    or, in the draws `lose(i)` picks (i: the draw's row), that frame with the field blanked (the
+    ball is lost)."""
 
-    def __init__(self, wm, blank):
-        self.context, self.game, self.space, self.blank = wm.context, wm.game, wm.space, blank
+    def __init__(self, wm, lose):
+        self.context, self.game, self.space, self.lose = wm.context, wm.game, wm.space, lose
 
     def reset_batch(self, frames, seeds=None):
         self.last = frames[:, -1].clone()
@@ -237,20 +238,27 @@ class LastFrame:
         return frames[:, -1]
 
     def step_batch(self, actions):
-        if self.blank:
-            bg = self.last[:, :, 40:41].median(3, keepdim=True).values  # a mid-field row's most common colour
-            self.last[:, :, 14:78] = bg  # the whole field, between the walls
+        for i in filter(self.lose, range(len(self.last))):
+            bg = self.last[i, :, 40:41].median(2, keepdim=True).values  # a mid-field row's most common colour
+            self.last[i, :, 14:78] = bg  # the whole field, between the walls
         return self.last
 
 
-def test_kept_ball_counts_the_draws_with_a_ball(tiny):
+def test_kept_ball_counts_the_draws_with_a_ball_and_where_they_are_lost(tiny):
     wm = common.load_world(tiny["world"])
     env, start = bench.starts(wm, 0)[1]  # mid-rally: the ball is in play
     run = bench.play(wm, env, start, 30, 0, dream=False)
     env.close()
-    assert bench.kept_ball(LastFrame(wm, blank=False), [run], draws=2)[:2] == (1.0, 1.0)
-    kept, drawable, n = bench.kept_ball(LastFrame(wm, blank=True), [run], draws=2)
-    assert kept == 0.0 and drawable == 1.0 and n > 0
+    kept, drawable, n, stuck, share = bench.kept_ball(LastFrame(wm, lambda i: False), [run], draws=2)
+    assert (kept, drawable, stuck) == (1.0, 1.0, 0) and n > 0 and np.isnan(share)  # nothing lost, nowhere
+    kept, drawable, n, stuck, share = bench.kept_ball(LastFrame(wm, lambda i: True), [run], draws=2)
+    assert kept == 0.0 and drawable == 1.0 and n > 0 and (stuck, share) == (n, 1.0)  # every state loses it
+    # 4 draws a state: even states lose one draw (under half: not stuck), every third state loses 3
+    lose = lambda i: i // 4 % 2 == 0 and i % 4 == 0 or i // 4 % 3 == 0 and i % 4 < 3
+    kept, _, n, stuck, share = bench.kept_ball(LastFrame(wm, lose), [run], draws=4)
+    lost = [sum(map(lose, range(4 * s, 4 * s + 4))) for s in range(n)]
+    assert kept == pytest.approx(1 - sum(lost) / (4 * n)) and stuck == sum(k >= 2 for k in lost)
+    assert share == pytest.approx(sum(k for k in lost if k >= 2) / sum(lost)) and 0 < share < 1
 
 
 @pytest.mark.parametrize("flags, words", [
