@@ -645,6 +645,7 @@ class AgentPolicy:
 
 FRAME_SPACES = {  # name -> (H, W, C)
     "rgb84x64": (84, 64, 3),   # aspect-true RGB (seed 003)
+    "rgb84x64max": (84, 64, 3),  # the same grid, each pixel the brightest of its raw footprint
     "gray84x84": (84, 84, 1),  # seed 000
     "gray64x64": (64, 64, 1),  # seed 004
 }
@@ -656,10 +657,14 @@ def frame_shape(space):
     return FRAME_SPACES[space]
 
 
-def _fifths(x, dim):
-    """Sums of 5 -> 2 along dim, over raw pixels 0-2 and 2-4: area resampling's windows at 2.5x."""
+def _fifths(x, dim, pool=sum):
+    """5 -> 2 along dim, pooling raw pixels 0-2 and 2-4: area resampling's windows at 2.5x."""
     s = lambda i: x.narrow(dim, i, x.shape[dim] - 4)[(slice(None),) * dim + (slice(None, None, 5),)]
-    return torch.stack([s(0) + s(1) + s(2), s(2) + s(3) + s(4)], dim + 1).flatten(dim, dim + 1)
+    return torch.stack([pool([s(0), s(1), s(2)]), pool([s(2), s(3), s(4)])], dim + 1).flatten(dim, dim + 1)
+
+
+def _brightest(xs):
+    return functools.reduce(torch.maximum, xs)
 
 
 @torch.no_grad()
@@ -670,7 +675,10 @@ def preprocess(frames, space, chunk=512):
     raw pixels its footprint touches. Pong's ball is 2 raw pixels wide; nearest sampling at 64
     columns (every 2.5 px) can drop it and an antialiased bilinear resize smears it, while area
     keeps it as a 40-80% blob. At exactly 2.5x (210x160 -> rgb84x64, the default) the same
-    means are summed in integers, twice as fast: streaming trainers preprocess every episode."""
+    means are summed in integers, twice as fast: streaming trainers preprocess every episode.
+    A space whose name ends in "max" takes the brightest raw pixel of the same footprint
+    instead (adaptive max pooling): a small sprite keeps its full color at every position,
+    where area draws it as one of several faint blends of it and the background."""
     H, W, C = frame_shape(space)
     frames = torch.as_tensor(np.asarray(frames))
     single = frames.dim() == 3
@@ -679,7 +687,12 @@ def preprocess(frames, space, chunk=512):
     out = torch.empty((len(frames), C, H, W), dtype=torch.uint8)
     lum = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
     fifths = C == 3 and frames.shape[1:3] == (H * 5 // 2, W * 5 // 2) and H % 2 == W % 2 == 0
+    brightest = space.endswith("max")
     for i in range(0, len(frames), chunk):
+        if fifths and brightest:
+            x = _fifths(_fifths(frames[i:i + chunk], 1, _brightest), 2, _brightest)
+            out[i:i + chunk] = x.permute(0, 3, 1, 2)
+            continue
         if fifths:  # 3x3 raw pixels per output pixel: 9 x 255 fits int16, and x / 9 is never a tie
             x = _fifths(_fifths(frames[i:i + chunk].to(torch.int16), 1), 2)
             out[i:i + chunk] = ((x + 4) // 9).to(torch.uint8).permute(0, 3, 1, 2)
@@ -687,7 +700,7 @@ def preprocess(frames, space, chunk=512):
         x = frames[i:i + chunk].permute(0, 3, 1, 2).float()
         if C == 1:
             x = (x * lum).sum(1, keepdim=True)
-        x = F.interpolate(x, size=(H, W), mode="area")
+        x = F.adaptive_max_pool2d(x, (H, W)) if brightest else F.interpolate(x, size=(H, W), mode="area")
         out[i:i + chunk] = x.round_().clamp_(0, 255).to(torch.uint8)
     return out[0] if single else out
 

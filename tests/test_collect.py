@@ -497,7 +497,7 @@ def test_frame_stream_names_a_file_whose_frames_do_not_read(pong_data, tmp_path,
 
 def test_preprocess_shapes_and_range(pong_data):
     frames = load(episodes(pong_data)[-1])["frames"]
-    want = {"rgb84x64": (3, 84, 64), "gray84x84": (1, 84, 84), "gray64x64": (1, 64, 64)}
+    want = {"rgb84x64": (3, 84, 64), "rgb84x64max": (3, 84, 64), "gray84x84": (1, 84, 84), "gray64x64": (1, 64, 64)}
     assert set(common.FRAME_SPACES) == set(want)
     for space, chw in want.items():
         x = common.preprocess(frames, space)
@@ -517,6 +517,8 @@ def test_preprocess_in_integers_is_the_float_area_resampling(pong_data):
     for x in (frames, noise):
         area = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(84, 64), mode="area")
         assert torch.equal(common.preprocess(x, "rgb84x64", chunk=50), area.round().to(torch.uint8))
+        brightest = F.adaptive_max_pool2d(x.permute(0, 3, 1, 2).float(), (84, 64)).to(torch.uint8)
+        assert torch.equal(common.preprocess(x, "rgb84x64max", chunk=50), brightest)
 
 
 def raw_pong_frames(steps=300):
@@ -528,11 +530,12 @@ def raw_pong_frames(steps=300):
     return frames
 
 
-def test_pong_ball_survives_rgb84x64(pong_data):
+def test_pong_ball_survives_rgb84x64_and_keeps_its_color_in_max(pong_data):
     seen = 0
     for frames in [load(f)["frames"] for f in episodes(pong_data)] + [raw_pong_frames()]:
         small = common.preprocess(frames, "rgb84x64").numpy().astype(int)  # (N, 3, 84, 64)
-        for raw, x in zip(frames, small):
+        brightest = common.preprocess(frames, "rgb84x64max").numpy().astype(int)
+        for raw, x, b in zip(frames, small, brightest):
             ball = np.all(raw[34:194] == (236, 236, 236), axis=-1)
             if not ball.any():
                 continue
@@ -542,6 +545,8 @@ def test_pong_ball_survives_rgb84x64(pong_data):
             region = x[:, r0 * 84 // 210: -(-(r1 + 1) * 84 // 210), c0 * 64 // 160: -(-(c1 + 1) * 64 // 160)]
             diff = np.abs(region - np.array([144, 72, 17]).reshape(3, 1, 1)).max()
             assert diff > 40, f"ball at raw rows {r0}..{r1}, cols {c0}..{c1} lost after preprocessing"
+            full = b[:, r0 * 84 // 210: -(-(r1 + 1) * 84 // 210), c0 * 64 // 160: -(-(c1 + 1) * 64 // 160)]
+            assert (full == 236).all(0).any(), "rgb84x64max keeps the ball's own color wherever it is"
             seen += 1
     assert seen >= 100, f"only {seen} frames with the ball in play"
 
