@@ -687,9 +687,9 @@ def preprocess(frames, space, chunk=512):
     out = torch.empty((len(frames), C, H, W), dtype=torch.uint8)
     lum = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
     fifths = C == 3 and frames.shape[1:3] == (H * 5 // 2, W * 5 // 2) and H % 2 == W % 2 == 0
-    brightest = space.endswith("max")
+    max_pool = space.endswith("max")
     for i in range(0, len(frames), chunk):
-        if fifths and brightest:
+        if fifths and max_pool:
             x = _fifths(_fifths(frames[i:i + chunk], 1, _brightest), 2, _brightest)
             out[i:i + chunk] = x.permute(0, 3, 1, 2)
             continue
@@ -700,7 +700,7 @@ def preprocess(frames, space, chunk=512):
         x = frames[i:i + chunk].permute(0, 3, 1, 2).float()
         if C == 1:
             x = (x * lum).sum(1, keepdim=True)
-        x = F.adaptive_max_pool2d(x, (H, W)) if brightest else F.interpolate(x, size=(H, W), mode="area")
+        x = F.adaptive_max_pool2d(x, (H, W)) if max_pool else F.interpolate(x, size=(H, W), mode="area")
         out[i:i + chunk] = x.round_().clamp_(0, 255).to(torch.uint8)
     return out[0] if single else out
 
