@@ -1350,7 +1350,7 @@ class TokenDynamics(nn.Module):
     More than one action because Pong's paddle answers a key over two steps: the frames show
     what the older keys did, not what the last one is doing (a previous action before the
     first frame is unknown: index n_actions). `memory` > 0 adds the steps since each cell's
-    token last changed, capped at `memory` (ages() below): a cheap memory for hidden timers
+    token last changed, up to `memory` (ages() below): a cheap memory for hidden timers
     longer than the context, such as Pong's serve, 16 steps after a point, which four frames of
     an empty field cannot count. `masked` adds the next frame as far as it is decided (MASK
     where it is not) as an input, so that the uncertain cells of a frame can be drawn given each
@@ -1367,7 +1367,7 @@ class TokenDynamics(nn.Module):
         n_act = n_actions if actions == 1 else actions * (n_actions + 1)  # per lag, and "unknown"
         self.tok = nn.Embedding(n_codes, emb)
         self.time = nn.Parameter(torch.zeros(context, emb, 1, 1))
-        self.age = nn.Embedding(memory + 2, emb) if memory else None  # 0..memory, and memory + 1: unknown
+        self.age = nn.Embedding(memory + 2, emb) if memory else None  # 0..memory, then longer ago or unknown
         self.partial = nn.Embedding(n_codes + 1, emb) if masked else None  # index n_codes: MASK
         self.inp = nn.Conv2d((context + bool(memory) + masked) * emb, dim, 3, padding=1)
         self.act = nn.Embedding(n_act, dim)
@@ -1409,9 +1409,13 @@ class TokenDynamics(nn.Module):
 
 def ages(tokens, cap, unknown=False):
     """Steps since each cell's token last changed: tokens (..., N, h, w) -> (..., N, h, w) long,
-    0 at every change, at most `cap`. The first frame is a change (an episode starts with a
-    reset, which changes every cell), or, `unknown`, a past the frames do not tell: cap + 1
-    until the cell changes (a dream started from real frames of any moment)."""
+    0 at every change, counting up to `cap`; cap + 1 is "longer ago than cap steps, or never
+    seen": a past the frames do not tell (`unknown`: a dream started from real frames of any
+    moment) and a cell still for longer than cap steps are one state. The first frame is a change
+    (an episode starts with a reset, which changes every cell), unless `unknown`. So a dream whose
+    field has stood still longer than the data ever shows it (Pong's: 16 steps from a point to
+    the serve; a ball lost in mid-flight scores no point to count from) is where a dream started
+    from real frames is, which the model learned to end by serving."""
     out = torch.full_like(tokens, cap + 1 if unknown else 0)
     for t in range(1, tokens.shape[-3]):
         out[..., t, :, :] = next_age(out[..., t - 1, :, :], tokens[..., t - 1, :, :], tokens[..., t, :, :], cap)
@@ -1419,7 +1423,7 @@ def ages(tokens, cap, unknown=False):
 
 
 def next_age(age, last, nxt, cap):
-    return torch.where(nxt != last, 0, torch.where(age > cap, age, (age + 1).clamp(max=cap)))
+    return torch.where(nxt != last, 0, (age + 1).clamp(max=cap + 1))
 
 
 class TokenAttention(nn.Module):

@@ -12,6 +12,7 @@ Examples:
   python train_world.py                                   # data/pong + checkpoints/pong/vqvae.pt
   python train_world.py --steps 4000 --dim 128            # longer, wider
   python train_world.py --resume --steps 6000             # continue with optimizer and step
+  python train_world.py --steps 5800 --corrupt 0.1 --hard-share 0.5   # over max-pooled tokens: README, a playable Pong
   python train_world.py --arch attn --dim 128 --blocks 4  # the attention layout of the README
   torchrun --nproc_per_node 2 train_world.py              # 2 processes, same global --batch
   python train_world.py --data data/pong data/breakout data/spaceinvaders   # one model of 3 games (seed 004)
@@ -60,6 +61,12 @@ p.add_argument("--event-share", type=common.probability, default=0.5,
 p.add_argument("--fresh-starts", type=common.probability, default=0.25,
                help="share of training windows that start as a dream from real frames does: no memory, "
                     "no earlier action")
+p.add_argument("--corrupt", type=common.probability, default=0.0,
+               help="most share of cells that go wrong in a training window's history and stay wrong (another cell's "
+                    "token): the model learns to repair what its own dream feeds it (GameNGen's context noise)")
+p.add_argument("--hard-share", type=common.probability, default=0.0,
+               help="share of each batch drawn in proportion to each window's loss when last trained on (the rare "
+                    "moments, such as a ball meeting a paddle, come back more often)")
 p.add_argument("--steps", type=common.positive_int, default=2900, help="optimizer steps")
 p.add_argument("--batch", type=common.positive_int, default=16, help="windows per batch")
 p.add_argument("--lr", type=common.positive_float, default=3e-3,
@@ -120,7 +127,7 @@ def batch(data, idx, T, K, past=0, unknown=0):
 
 
 # -----------------------------------------------------------------------------
-# the loss: K steps on the model's own argmax, importance-weighted
+# the loss: K steps on the model's own argmax, importance-weighted, from a past that may be damaged
 
 def importance(hist, target, emb, a):
     """Seed 003's hybrid weighting: 1 + motion + eventness + persistence, capped."""
@@ -132,10 +139,27 @@ def importance(hist, target, emb, a):
     return w.clamp(max=a.max_ratio * w.median())  # a tensor bound: no sync with the device
 
 
+def corrupt(hist, age, most):
+    """GameNGen's noise on the context (Valevski et al. 2024), in tokens: in each window a share
+    q ~ U(0, most) of the cells go wrong at a random frame of the history and stay wrong, taking
+    the token of a random cell of the newest frame: mostly the background, so objects lose cells,
+    and now and then a stray appears, as a dream's own errors do. The ages say when they changed;
+    the targets stay true, so the model learns to repair what its dream feeds it."""
+    B, T, h, w = hist.shape
+    q = torch.rand(B, 1, 1, device=hist.device) * most
+    other = hist[:, -1].flatten(1).gather(1, torch.randint(h * w, (B, h * w), device=hist.device)).view(B, h, w)
+    hit = (torch.rand(B, h, w, device=hist.device) < q) & (other != hist[:, -1])
+    since = torch.randint(T, (B, h, w), device=hist.device)  # the first wrong frame
+    wrong = hit[:, None] & (torch.arange(T, device=hist.device)[:, None, None] >= since[:, None])
+    age = None if age is None else torch.where(hit, T - 1 - since, age)
+    return torch.where(wrong, other[:, None], hist), age
+
+
 def token_loss(dyn, hist, act, tgt, age, game, tf, emb, disc, args):
     """Seed 003: K steps on the model's own argmax with scheduled teacher forcing; importance-
-    weighted cross-entropy, discounted over the steps. The memory follows the tokens fed back."""
-    loss, B, n = 0.0, len(hist), args.actions
+    weighted cross-entropy, discounted over the steps. The memory follows the tokens fed back.
+    -> (the loss, each window's share of it before normalizing, detached: what --hard-share draws by)"""
+    loss, surprise, B, n = 0.0, 0.0, len(hist), args.actions
     for k in range(len(disc)):
         w = importance(hist, tgt[:, k], emb, args)
         partial, hide = None, torch.ones_like(w, dtype=torch.bool)
@@ -146,11 +170,12 @@ def token_loss(dyn, hist, act, tgt, age, game, tf, emb, disc, args):
         logits = dyn(hist, act[:, k:k + n], age, partial, game)
         ce = F.cross_entropy(logits, tgt[:, k], reduction="none")
         loss = loss + disc[k] * (w * hide * ce).sum() / (w * hide).sum()  # the shown cells are no question
+        surprise = surprise + disc[k] * (w * hide * ce).detach().sum((1, 2))
         keep = (torch.rand(B, 1, 1, device=hist.device) < tf) | ~hide
         nxt = torch.where(keep, tgt[:, k], logits.detach().argmax(1))
         age = common.next_age(age, hist[:, -1], nxt, args.memory) if args.memory else None
         hist = torch.cat([hist[:, 1:], nxt[:, None]], 1)
-    return loss
+    return loss, surprise
 
 
 def outcome_loss(heads, data, transitions, events, g, batch, args):
@@ -336,6 +361,7 @@ def main():
     g, g_heads = np.random.default_rng(args.seed + 2 * rank), np.random.default_rng(args.seed + 1 + 2 * rank)
     disc = torch.tensor([args.discount ** k for k in range(K)])
     disc = disc / disc.sum()  # normalized discounted loss (seed 003)
+    surprise = torch.zeros(len(pool), device=device)  # each window's loss when last trained on
     bar = tqdm(total=args.steps, initial=step, desc="world", unit="step")
     t0 = time.time()
     try:
@@ -345,14 +371,20 @@ def main():
             for group in opt.param_groups:
                 group["lr"] = lr
             tf = max(args.teacher_forcing, 1 - frac / 0.3)  # from 1 to its floor over the first 30%
-            idx = pool[torch.from_numpy(g.integers(len(pool), size=rank_batch)).to(device)]
+            hard = round(rank_batch * args.hard_share)
+            rows = torch.from_numpy(g.integers(len(pool), size=rank_batch - hard)).to(device)
+            if hard:  # windows not trained on yet have no loss: the uniform share finds them
+                rows = torch.cat([rows, torch.multinomial(surprise + 1e-12, hard, replacement=True)])
+            idx = pool[rows]
             hist, act, tgt, age, game = batch(data, idx, T, K, args.actions - 1, len(meanings))
             # some windows remember only themselves, as a dream started from real frames does
             fresh = torch.rand(len(hist), 1, 1, device=device) < args.fresh_starts
             if args.memory:
                 age = torch.where(fresh, common.ages(hist, args.memory, unknown=True)[:, -1], age)
             act[:, :args.actions - 1] = torch.where(fresh[:, :, 0], len(meanings), act[:, :args.actions - 1])
-            loss = token_loss(fwd, hist, act, tgt, age, game, tf, emb, disc, args)
+            if args.corrupt:
+                hist, age = corrupt(hist, age, args.corrupt)
+            loss, surprise[rows] = token_loss(fwd, hist, act, tgt, age, game, tf, emb, disc, args)
             if heads:
                 loss = loss + outcome_loss(heads, data, transitions, events, g_heads, rank_batch, args)
             read = watch(loss, step)

@@ -78,7 +78,7 @@ def test_training_losses_on_meta():
                                actions=2).to(META)
     emb = torch.randn(CODES, 4, device=META)
     disc = torch.full((args.rollout,), 1 / args.rollout)
-    loss = train_world.token_loss(dyn, hist, act, tgt, age, game, 0.5, emb, disc, args)
+    loss, _ = train_world.token_loss(dyn, hist, act, tgt, age, game, 0.5, emb, disc, args)
     heads = common.Outcome(n_codes=CODES, grid=GRID).to(META)
     import numpy as np
     rows = torch.tensor([[0, 1], [1, 2], [1, 5]], device=META)

@@ -15,12 +15,13 @@ from conftest import describe, first_frames, run_script
 
 VQ = ("--steps", "6", "--eval-every", "6", "--batch", "8")
 WORLD = ("--steps", "4", "--eval-every", "4", "--eval-windows", "4", "--gif-steps", "5", "--batch", "4",
-         "--memory", "8")
+         "--memory", "8", "--corrupt", "0.2", "--hard-share", "0.5")
 
 
 @pytest.fixture(scope="module")
 def tiny(pong_data, tmp_path_factory):
-    """A tiny world of the default kind (memory, masked decoding, two actions), trained a few steps."""
+    """A tiny world of the default kind (memory, masked decoding, two actions), trained a few steps, with
+    the playable recipe's damaged pasts (--corrupt) and hard windows (--hard-share)."""
     tmp = tmp_path_factory.mktemp("dream")
     data = tmp / "pong"
     shutil.copytree(pong_data, data)
@@ -124,7 +125,7 @@ def train_serve(memory, steps=200, T=4, K=2):
     data, emb, disc = train_world.pack(eps, "cpu"), torch.eye(4), torch.tensor([0.6, 0.4])
     for _ in range(steps):
         hist, act, tgt, age, game = train_world.batch(data, pool[rng.integers(len(pool), size=32)], T, K)
-        loss = train_world.token_loss(dyn, hist, act, tgt, age if memory else None, game, 1.0, emb, disc, args)
+        loss, _ = train_world.token_loss(dyn, hist, act, tgt, age if memory else None, game, 1.0, emb, disc, args)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -156,9 +157,28 @@ def test_memory_learns_the_timer_that_four_frames_cannot_count():
     assert serves_on_time(train_serve(memory=0)) == 0.0
 
 
-def test_ages_count_from_the_first_frame_and_stop_at_the_cap():
-    tok = torch.tensor([[[0]], [[0]], [[1]], [[1]], [[1]], [[1]], [[1]]])  # (7, 1, 1)
-    assert common.ages(tok, 3)[:, 0, 0].tolist() == [0, 1, 0, 1, 2, 3, 3]
+def test_ages_count_from_the_first_frame_and_end_in_the_unknown_past():
+    tok = torch.tensor([[[0]], [[0]], [[1]], [[1]], [[1]], [[1]], [[1]], [[1]]])  # (8, 1, 1)
+    assert common.ages(tok, 3)[:, 0, 0].tolist() == [0, 1, 0, 1, 2, 3, 4, 4]  # 4: still for longer than 3
+    assert common.ages(tok, 3, unknown=True)[:, 0, 0].tolist() == [4, 4, 0, 1, 2, 3, 4, 4]  # as the unknown past
+
+
+def test_corrupt_context_goes_wrong_at_one_frame_stays_wrong_and_says_when():
+    """train_world.corrupt (--corrupt): a damaged cell takes a token of the window's newest frame,
+    is wrong from one frame of the history to the newest, and its age counts from that frame."""
+    torch.manual_seed(0)
+    T = 4
+    hist = torch.randint(5, (256, 1, 6, 7)).expand(-1, T, -1, -1)  # still windows: a wrong cell is visible
+    age = torch.full((256, 6, 7), 9)
+    got, got_age = train_world.corrupt(hist, age, 0.5)
+    wrong = got != hist
+    assert 0.05 < wrong[:, -1].float().mean() < 0.5
+    assert (wrong[:, 1:] >= wrong[:, :-1]).all()  # once wrong, wrong to the newest frame
+    assert all(set(got[b][wrong[b]].tolist()) <= set(hist[b, -1].flatten().tolist()) for b in range(len(hist)))
+    since = T - wrong.sum(1)
+    assert torch.equal(got_age, torch.where(wrong[:, -1], T - 1 - since, age))
+    assert (since[wrong[:, -1]] == 0).any() and (since[wrong[:, -1]] == T - 1).any()
+    assert torch.equal(train_world.corrupt(hist, age, 0.0)[0], hist)
 
 
 # -----------------------------------------------------------------------------
