@@ -29,10 +29,10 @@ dream: closed loop. A player that reads only the frames it is shown (never the R
 real frames, from a fresh reset and from mid-rally, over --seeds seeds; nothing real reaches
 the dream after its start. It prints how often a ball is on screen, serves, balls vanishing
 in mid-field, frames with two balls or a smear, impossible jumps, points (Breakout: bricks),
-and how well the paddle follows the keys; then, one step from the real game's frames wherever
-its ball is in mid-field, how often the dream's next frame keeps a ball (what the vanish rate
-comes from), and whether the lost draws pile up on a few states; and writes
-assets/<game>_long_dream.gif.
+how well the paddle follows the keys, and (Pong) how the opponent follows the ball; then, one
+step from the real game's frames wherever its ball is in mid-field, how often the dream's next
+frame keeps a ball (what the vanish rate comes from), and whether the lost draws pile up on a
+few states; and writes assets/<game>_long_dream.gif.
 """
 import argparse
 import os
@@ -275,7 +275,8 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
     raw pixels, points each way (Pong) or balls lost at the bottom (Breakout), brick pixels
     broken; frames with two balls or a blob bigger than `smear`; and how the paddle follows
     the keys: the correlation of the key's direction at step t with the paddle's move one step
-    later (the emulator answers a key a step late)."""
+    later (the emulator answers a key a step late); Pong: how the opponent chases the ball, the
+    correlation of the side the ball is on with the opponent's next move."""
     pong, n = game == "ALE/Pong-v5", len(actions)
     m = dict(ball=0.0, paddle=0.0, serves=0, vanish=0, multi=0, jumps=0, player=0, opponent=0, bricks=0.0)
     gap = 0
@@ -301,12 +302,21 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
     pad = [s["paddle"] for s in scenes]
     pairs = [(KEYS[game].get(a, 0), axis * (pad[t + 2] - pad[t + 1])) for t, a in enumerate(actions[:-1])
              if pad[t + 1] is not None and pad[t + 2] is not None]
-    k, v = np.array(pairs, float).T if pairs else (np.zeros(0), np.zeros(0))
-    m["follow"] = float(np.corrcoef(k, v)[0, 1]) if len(k) > 2 and k.std() > 0 and v.std() > 0 else float("nan")
+    m["follow"] = correlation(pairs)
+    if pong:  # the opponent is the game's own player: it moves toward the ball's row
+        opp = [s["opponent"] for s in scenes]
+        m["chase"] = correlation([(np.sign(s["balls"][0][0] - opp[t]), opp[t + 1] - opp[t])
+                                  for t, s in enumerate(scenes[:-1])
+                                  if s["balls"] and opp[t] is not None and opp[t + 1] is not None])
     for key in ("serves", "vanish", "jumps", "player", "opponent", "bricks"):
         m[key] *= 1000 / max(n, 1)
     m["multi"] /= max(n, 1)
     return m
+
+
+def correlation(pairs):
+    k, v = np.array(pairs, float).T if pairs else (np.zeros(0), np.zeros(0))
+    return float(np.corrcoef(k, v)[0, 1]) if len(k) > 2 and k.std() > 0 and v.std() > 0 else float("nan")
 
 
 def kept_ball(wm, runs, draws=16, most=256, chunk=256):
@@ -393,7 +403,8 @@ def bench_dream(args):
             ("impossible jumps per 1000 steps", "jumps", "{:.1f}"),
             ("paddle follows the keys (correlation)", "follow", "{:.2f}")]
     if wm.game == "ALE/Pong-v5":
-        rows += [("points per 1000 steps: player", "player", "{:.1f}"),
+        rows += [("the opponent follows the ball (correlation)", "chase", "{:.2f}"),
+                 ("points per 1000 steps: player", "player", "{:.1f}"),
                  ("points per 1000 steps: opponent", "opponent", "{:.1f}")]
     else:
         rows += [("balls lost per 1000 steps", "opponent", "{:.1f}"),

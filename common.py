@@ -1331,17 +1331,24 @@ def load_tokenizer(path, kinds=("vqvae",)):
 # every block; plus a copy-the-last-frame logit, since ~99% of tokens do not change.
 
 class FiLMBlock(nn.Module):
-    def __init__(self, c, cond):
+    def __init__(self, c, cond, attend=False):
         super().__init__()
         self.n1, self.c1 = nn.GroupNorm(groups(c), c), nn.Conv2d(c, c, 3, padding=1)
         self.n2, self.c2 = nn.GroupNorm(groups(c), c), nn.Conv2d(c, c, 3, padding=1)
         self.film = nn.Linear(cond, 2 * c)
         self.glob = nn.Linear(c, c)  # global context: scores, serves, events far away
+        # where the global context looks: attention pooling (one learned score per cell) in place of
+        # the mean, in which one ball is 1 cell of 336
+        self.where = nn.Conv2d(c, 1, 1) if attend else None
 
     def forward(self, x, cond):
         g, b = self.film(cond)[:, :, None, None].chunk(2, 1)
         h = self.c1(F.gelu(self.n1(x)))
-        h = F.gelu(self.n2(h) * (1 + g) + b + self.glob(h.mean((2, 3)))[:, :, None, None])
+        if self.where is None:
+            pooled = h.mean((2, 3))
+        else:
+            pooled = (self.where(h).flatten(2).softmax(-1) * h.flatten(2)).sum(-1)
+        h = F.gelu(self.n2(h) * (1 + g) + b + self.glob(pooled)[:, :, None, None])
         return x + self.c2(h)
 
 
@@ -1356,10 +1363,11 @@ class TokenDynamics(nn.Module):
     where it is not) as an input, so that the uncertain cells of a frame can be drawn given each
     other (MaskGIT, Chang et al. 2022): one ball served, not two halves of two balls. `games`
     > 0 makes one model of several games (seed 004): the game is an input, beside the actions,
-    which are then ALE's 18 (full_actions)."""
+    which are then ALE's 18 (full_actions). `attend` pools each block's view of the whole frame
+    by attention rather than the mean, so that one small far object (the ball) is seen."""
 
     def __init__(self, n_codes, n_actions, grid, context=4, emb=32, dim=96, n_blocks=4, memory=0, masked=False,
-                 actions=1, games=0):
+                 actions=1, games=0, attend=False):
         super().__init__()
         self.n_codes, self.n_actions, self.context = n_codes, n_actions, context
         self.memory, self.masked, self.actions, self.games = memory, masked, actions, games
@@ -1372,7 +1380,7 @@ class TokenDynamics(nn.Module):
         self.inp = nn.Conv2d((context + bool(memory) + masked) * emb, dim, 3, padding=1)
         self.act = nn.Embedding(n_act, dim)
         self.act_bias = nn.Parameter(torch.zeros(n_act, dim, *grid))
-        self.blocks = nn.ModuleList(FiLMBlock(dim, dim) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(FiLMBlock(dim, dim, attend) for _ in range(n_blocks))
         self.out = nn.Sequential(nn.GroupNorm(groups(dim), dim), nn.GELU(), nn.Conv2d(dim, n_codes, 1))
         self.copy = nn.Parameter(torch.tensor(3.0))
 
@@ -2247,20 +2255,22 @@ PONG_OPPONENT = (16, 20)    # raw columns of the opponent's paddle
 
 
 def pong_objects(frame, space):
-    """A Pong frame in `space` -> {"paddle": the player's paddle row or None, "balls": [(row,
-    col, area)]} in raw 210x160 pixels (area in raw pixels), brightest ball first. Balls are
-    blobs of the field outside the paddles' columns that stand out of the background by 40."""
+    """A Pong frame in `space` -> {"paddle": the player's paddle row or None, "opponent": the
+    opponent's, "balls": [(row, col, area)]} in raw 210x160 pixels (area in raw pixels),
+    brightest ball first. Balls are blobs of the field outside the paddles' columns that stand
+    out of the background by 40."""
     g, sy, sx = _gray(frame, space)
     r0, r1 = int(np.ceil(PONG_FIELD[0] / sy)), int(PONG_FIELD[1] / sy)
     fg = np.abs(g[r0:r1] - 87.0)  # Pong's background is luminance 87; paddles ~147, ball 236
     fg[fg < 25] = 0
-    cols = lambda c: slice(int(c[0] / sx), int(np.ceil(c[1] / sx)))
-    pad = fg[:, cols(PONG_PLAYER)].sum(1)
-    paddle = (pad @ (np.arange(len(pad)) + 0.5) / pad.sum() + r0) * sy if pad.sum() > 60 else None
-    fg[:, cols(PONG_PLAYER)] = 0
-    fg[:, cols(PONG_OPPONENT)] = 0
-    balls = [((r + r0) * sy, c * sx, n * sy * sx) for r, c, n, peak in blobs(fg > 0, fg) if peak > 40]
-    return {"paddle": paddle, "balls": balls}
+    out = {}
+    for key, band in (("paddle", PONG_PLAYER), ("opponent", PONG_OPPONENT)):
+        cols = slice(int(band[0] / sx), int(np.ceil(band[1] / sx)))
+        pad = fg[:, cols].sum(1)
+        out[key] = (pad @ (np.arange(len(pad)) + 0.5) / pad.sum() + r0) * sy if pad.sum() > 60 else None
+        fg[:, cols] = 0
+    out["balls"] = [((r + r0) * sy, c * sx, n * sy * sx) for r, c, n, peak in blobs(fg > 0, fg) if peak > 40]
+    return out
 
 
 BREAKOUT_FIELD = (32, 152, 8, 152)  # raw rows from the top wall down to the paddle, columns between the walls

@@ -45,6 +45,8 @@ p.add_argument("--dim", type=common.positive_int, default=32, help="channels of 
 p.add_argument("--emb", type=common.positive_int, default=32,
                help="token embedding size per history frame (16 left the paddle 6-10 px off at 10 steps: README)")
 p.add_argument("--blocks", type=common.positive_int, default=3, help="residual FiLM blocks (2 convs each)")
+p.add_argument("--attend", action=argparse.BooleanOptionalAction, default=False,
+               help="conv: each block's global context is attention-pooled, not the mean")
 p.add_argument("--memory", type=common.nonneg_int, default=32,
                help="conv: also see the steps since each cell last changed, up to N (0: no memory beyond the context)")
 p.add_argument("--actions", type=common.positive_int, default=2,
@@ -279,7 +281,7 @@ def main():
     most = max(len(m) for m in games.values())
     to_full = torch.tensor([common.full_actions(m) + [0] * (most - len(m)) for m in games.values()]) if joint else None
     if args.arch != "conv":  # the attention layout is kept as it was measured: one action, no memory
-        args.memory, args.masked, args.actions = 0, False, 1
+        args.memory, args.masked, args.actions, args.attend = 0, False, 1, False
     if args.memory:  # the steps since each cell changed, counted from each episode's start (a reset)
         for ep in train + [ep for val in vals.values() for ep in val]:
             ep["ages"] = common.ages(ep["tokens"], args.memory).to(torch.uint8)
@@ -318,6 +320,8 @@ def main():
         model_args["masked"] = True
     if args.actions > 1:
         model_args["actions"] = args.actions
+    if args.attend:
+        model_args["attend"] = True
     if joint:
         model_args["games"] = len(games)
 

@@ -41,9 +41,9 @@ def test_conv_ae_on_meta(vae):
     backward(model(torch.zeros(2, 4, 64, 64, dtype=torch.uint8, device=META)))
 
 
-@pytest.mark.parametrize("kw", [dict(arch="conv", memory=8, masked=True, actions=2), dict(arch="conv"),
+@pytest.mark.parametrize("kw", [dict(arch="conv", memory=8, masked=True, actions=2, attend=True), dict(arch="conv"),
                                 dict(arch="attn", dim=32), dict(arch="lam", n_latent_actions=4)],
-                         ids=["conv-memory-masked", "conv", "attn", "lam"])
+                         ids=["conv-memory-masked-attend", "conv", "attn", "lam"])
 def test_token_dynamics_on_meta(kw):
     dyn = common.make_dynamics(**dict(n_codes=CODES, n_actions=ACTIONS, grid=GRID, context=4), **kw).to(META)
     act = torch.randint(ACTIONS, (2, kw["actions"]) if "actions" in kw else (2,)).to(META)

@@ -15,13 +15,14 @@ from conftest import describe, first_frames, run_script
 
 VQ = ("--steps", "6", "--eval-every", "6", "--batch", "8")
 WORLD = ("--steps", "4", "--eval-every", "4", "--eval-windows", "4", "--gif-steps", "5", "--batch", "4",
-         "--memory", "8", "--corrupt", "0.2", "--hard-share", "0.5")
+         "--memory", "8", "--corrupt", "0.2", "--hard-share", "0.5", "--attend")
 
 
 @pytest.fixture(scope="module")
 def tiny(pong_data, tmp_path_factory):
     """A tiny world of the default kind (memory, masked decoding, two actions), trained a few steps, with
-    the playable recipe's damaged pasts (--corrupt) and hard windows (--hard-share)."""
+    the playable recipe's damaged pasts (--corrupt), hard windows (--hard-share) and attention-pooled
+    context (--attend)."""
     tmp = tmp_path_factory.mktemp("dream")
     data = tmp / "pong"
     shutil.copytree(pong_data, data)
@@ -239,11 +240,22 @@ def test_ball_detectors_see_every_real_ball(game, color, blind):
 
 def test_closed_loop_stats_count_the_paddle_and_a_ball_gone_in_mid_field():
     ball, gone = [(100.0, 80.0, 4.0)], []  # raw (row, col, area): mid-field
-    scenes = [dict(paddle=p, balls=b) for p, b in ((100.0, ball), (100.0, ball), (None, gone), (100.0, gone),
-                                                   (None, gone))]
+    scenes = [dict(paddle=p, opponent=None, balls=b) for p, b in ((100.0, ball), (100.0, ball), (None, gone),
+                                                                  (100.0, gone), (None, gone))]
     m = bench.closed_loop_stats(scenes, [0] * 4, "ALE/Pong-v5", jump=20.0, smear=50.0)
     assert m["paddle"] == pytest.approx(0.5) and m["ball"] == pytest.approx(0.25)
     assert m["vanish"] == pytest.approx(1000 / 4) and m["serves"] == 0
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_the_opponent_chases_the_ball_when_it_moves_toward_its_row(sign):
+    rows = [60.0, 150.0, 90.0, 170.0, 50.0, 120.0]  # the ball's row, raw pixels: it jumps above and below
+    scenes, opp = [], 110.0
+    for r in rows:
+        scenes.append(dict(paddle=100.0, opponent=opp, balls=[(r, 80.0, 4.0)]))
+        opp += sign * 4 * np.sign(r - opp)  # toward the ball (sign 1), or away from it
+    m = bench.closed_loop_stats(scenes, [0] * (len(rows) - 1), "ALE/Pong-v5", jump=500.0, smear=50.0)
+    assert m["chase"] == pytest.approx(sign)
 
 
 class LastFrame:
