@@ -137,7 +137,7 @@ def bench_world(args):
     T, H = wm.context, max(common.HORIZONS)
     pool = common.windows([len(ep["frames"]) for ep in eps], T + H)
     rng = np.random.default_rng(0)
-    picks = [pool[j] for j in sorted(rng.choice(len(pool), min(args.windows, len(pool)), replace=False))]
+    picks = pool[np.sort(rng.choice(len(pool), min(args.windows, len(pool)), replace=False))]
     frames = torch.stack([common.preprocess(eps[i]["frames"][s:s + T + H], wm.space) for i, s in picks])
     actions = torch.stack([torch.as_tensor(eps[i]["actions"][s + T - 1:s + T - 1 + H]) for i, s in picks])
     m = common.open_loop(wm, frames, actions)

@@ -31,6 +31,7 @@ import difflib
 import functools
 import glob
 import hashlib
+import json
 import math
 import os
 import random
@@ -994,29 +995,25 @@ def file_key(path):
 @torch.no_grad()
 def _encoded(data_dir, tok_path, encode, space, game, skip_bad, name, read=True):
     """encode(frames) of every episode of `data_dir` (frames (N+1, C, H, W) uint8 in `space`
-    -> a numpy array), cached in data_dir/<name>.npz under the tokenizer checkpoint's hash, so
-    that the dynamics never re-encode frames. A cache built by another tokenizer is detected and
-    rebuilt; episodes added since are encoded and appended. The file is written one episode at
-    a time while two threads decode the next ones: memory holds three episodes, not the
-    dataset. `game`: the tokenizer's game, or its games (trained_games). -> {file name: array},
-    or None where the caller only wants the file (`read`)."""
+    -> a numpy array), cached under the tokenizer checkpoint's hash, so that the dynamics never
+    re-encode frames. Two files: data_dir/<name>.npy, every episode's codes one after another,
+    and data_dir/<name>.json, the index (which episode starts where). A cache built by another
+    tokenizer is rebuilt; episodes added since are encoded and appended. The file is written
+    one episode at a time while two threads decode the next ones: memory holds three episodes,
+    not the dataset. It is read memory-mapped (as nanoGPT reads its token files): the trainers
+    gather their windows from the file, so their memory stays flat as the dataset grows.
+    `game`: the tokenizer's game, or its games (trained_games). -> {file name: array}, slices
+    of one memory-mapped array (pack() reads them in place), or None if not `read`."""
     from tqdm import tqdm
     games = [game] if isinstance(game, str) else list(game)
-    key, path = file_key(tok_path), os.path.join(data_dir, f"{name}.npz")
+    key, path, index = file_key(tok_path), os.path.join(data_dir, f"{name}.npy"), os.path.join(data_dir, f"{name}.json")
     files = episode_files(data_dir)
     # an episode re-recorded under the same name has another size or mtime: encode it again
     sig = {os.path.basename(f): f"{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files}
-    kept = []
-    if os.path.exists(path):
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if str(z["key"]) == key:
-                    kept = [k for k in z.files if k in sig and str(z[f"{k}.sig"]) == sig[k]]
-                else:
-                    print(f"{name} cache {path} was built by another tokenizer: rebuilding", file=sys.stderr)
-        except Exception:
-            print(f"{name} cache {path} is unreadable: rebuilding", file=sys.stderr)
-    todo = [f for f in files if os.path.basename(f) not in kept]
+    old, kept = _read_cache(path, index, key, name), []
+    if old is not None:
+        kept = [e for e in old[1] if e[0] in sig and e[1] == sig[e[0]]]
+    todo = [f for f in files if os.path.basename(f) not in {e[0] for e in kept}]
 
     def decode(f):  # zlib and the resize release the GIL: the next episodes decode while one encodes
         try:
@@ -1025,19 +1022,21 @@ def _encoded(data_dir, tok_path, encode, space, game, skip_bad, name, read=True)
             return e
         return str(ep["game"]), preprocess(ep["frames"], space) if str(ep["game"]) in games else None
 
+    episodes = []  # [file, sig, first row, rows] of each episode written
+
     def write(fo):
-        with zipfile.ZipFile(fo, "w") as zf, ThreadPoolExecutor(2) as pool:
-            _put(zf, "key", np.array(key))
-            if kept:
-                with np.load(path, allow_pickle=False) as old:
-                    for k in kept:
-                        _put(zf, k, old[k])
-                        _put(zf, f"{k}.sig", np.array(sig[k]))
+        fo.write(bytes(_NPY_HEADER))  # the header, once the shape is known, goes here at the end
+        rows, like = 0, old[0][:0] if kept else None
+        for f, s, start, n in kept:
+            fo.write(old[0][start:start + n].tobytes())
+            episodes.append([f, s, rows, n])
+            rows += n
+        with ThreadPoolExecutor(2) as pool:
             ahead = [(f, pool.submit(decode, f)) for f in todo[:2]]
-            for n in tqdm(range(len(todo)), desc=f"encode {name}", unit="ep", leave=False):
+            for i in tqdm(range(len(todo)), desc=f"encode {name}", unit="ep", leave=False):
                 f, job = ahead.pop(0)
-                if n + 2 < len(todo):
-                    ahead.append((todo[n + 2], pool.submit(decode, todo[n + 2])))
+                if i + 2 < len(todo):
+                    ahead.append((todo[i + 2], pool.submit(decode, todo[i + 2])))
                 got = job.result()
                 if isinstance(got, KitError):
                     if skip_bad:
@@ -1045,42 +1044,76 @@ def _encoded(data_dir, tok_path, encode, space, game, skip_bad, name, read=True)
                     raise KitError(f"{got} (use --skip-bad to go on without it)")
                 if got[1] is None:
                     raise KitError(f"tokenizer {tok_path} was trained on {', '.join(games)}, {f} is {got[0]}")
-                _put(zf, os.path.basename(f), encode(got[1]))
-                _put(zf, f"{os.path.basename(f)}.sig", np.array(sig[os.path.basename(f)]))
+                codes = encode(got[1])
+                like = codes[:0] if like is None else like
+                assert codes.dtype == like.dtype and codes.shape[1:] == like.shape[1:], "codes change shape"
+                fo.write(codes.tobytes())
+                episodes.append([os.path.basename(f), sig[os.path.basename(f)], rows, len(codes)])
+                rows += len(codes)
+        like = np.zeros((0,), np.int16) if like is None else like
+        fo.seek(0)
+        fo.write(_npy_header(like.dtype, (rows, *like.shape[1:])))
 
-    if todo:
+    if todo or old is None:
         _atomic_write(path, write)
-    if read:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files if k in sig}
+        size = os.path.getsize(path)  # the index names the data it describes: a torn pair is rebuilt
+        _atomic_write(index, lambda fo: fo.write(json.dumps(dict(key=key, bytes=size, episodes=episodes)).encode()))
+        old = None
+    if not read:
+        return None
+    codes, episodes = old or _read_cache(path, index, key, name)
+    base = torch.from_numpy(codes)
+    return {f: base[start:start + n] for f, _, start, n in episodes if f in sig}
 
 
-def _put(zf, name, array):
-    """One array into an open zip as np.savez writes it (name.npy): np.load reads the file."""
-    with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-        np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+_NPY_HEADER = 256  # bytes: the .npy v1.0 header, padded to a fixed size so it can be written last
+
+
+def _npy_header(dtype, shape):
+    """The .npy format's v1.0 header (numpy.lib.format), padded to _NPY_HEADER bytes."""
+    d = repr(dict(descr=np.lib.format.dtype_to_descr(dtype), fortran_order=False, shape=tuple(shape)))
+    head = d.encode("latin1").ljust(_NPY_HEADER - 11) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head
+
+
+def _read_cache(path, index, key, name):
+    """(codes memory-mapped (copy on write: never written back), [[file, sig, start, n], ...])
+    when the cache exists and is this tokenizer's, else None (with a line saying why)."""
+    if not os.path.exists(index) and not os.path.exists(path):
+        return None
+    try:
+        with open(index) as f:
+            meta = json.load(f)
+        if meta["key"] != key:
+            print(f"{name} cache {path} was built by another tokenizer: rebuilding", file=sys.stderr)
+            return None
+        assert meta["bytes"] == os.path.getsize(path)
+        return np.load(path, mmap_mode="c", allow_pickle=False), meta["episodes"]
+    except Exception:
+        print(f"{name} cache {path} is unreadable: rebuilding", file=sys.stderr)
+        return None
 
 
 def token_cache(data_dir, tok_path, tok, space, device, game, skip_bad=False, batch=256, read=True):
-    """Tokens of every episode: {file name: (N+1, h, w) int16}, cached in data_dir/tokens.npz
-    (None when not `read`: a tokenizer's trainer only writes them). They stay int16 in memory,
-    a quarter of int64's 2.7 GB at a million 21x16 frames: a batch is made long when gathered."""
+    """Tokens of every episode: {file name: (N+1, h, w) int16}, cached in data_dir/tokens.npy
+    and .json, memory-mapped (None when not `read`: a tokenizer's trainer only writes them).
+    int16 on disk, a quarter of int64's 2.7 GB at a million 21x16 frames: a batch is made long
+    when gathered."""
     tok = tok.to(device).eval()
     encode = lambda frames: torch.cat([tok.encode(x.to(device)).cpu() for x in frames.split(batch)]).numpy().astype(
         np.int16)
-    cached = _encoded(data_dir, tok_path, encode, space, game, skip_bad, "tokens", read)
-    return {k: torch.from_numpy(v) for k, v in cached.items()} if read else None
+    return _encoded(data_dir, tok_path, encode, space, game, skip_bad, "tokens", read)
 
 
 def latent_cache(data_dir, ae_path, ae, space, device, game, skip_bad=False, batch=256, read=True):
     """Latents of every episode: {file name: (N + 2 - stack, latent_dim) float32}, latent j
-    encoding frames j .. j + stack - 1; cached in data_dir/latents.npz (None when not `read`)."""
+    encoding frames j .. j + stack - 1; cached in data_dir/latents.npy and .json, memory-mapped
+    (None when not `read`)."""
     ae = ae.to(device).eval()
     encode = lambda frames: torch.cat([torch.zeros(0, ae.latent_dim)] + [  # an episode may be shorter than a stack
         ae.encode(stack_frames(frames, ae.stack, starts).to(device)).cpu()
         for starts in torch.arange(len(frames) - ae.stack + 1).split(batch)]).numpy()
-    cached = _encoded(data_dir, ae_path, encode, space, game, skip_bad, "latents", read)
-    return {k: torch.from_numpy(v) for k, v in cached.items()} if read else None
+    return _encoded(data_dir, ae_path, encode, space, game, skip_bad, "latents", read)
 
 
 def coded_episodes(folder, codes, key, space=None, val_frac=0.1, seed=0, actions=True, most_val=16):
@@ -1111,9 +1144,18 @@ def coded_episodes(folder, codes, key, space=None, val_frac=0.1, seed=0, actions
 def pack(seqs, device):
     """Sequences (n_i, ...) -> (all of them concatenated on the device, where each one starts):
     a batch of windows is then one indexing on the device (take()), not a Python loop over the
-    batch and a host-to-device copy every step."""
+    batch and a host-to-device copy every step. On the CPU, slices of one array (a memory-mapped
+    code cache) are read in place: nothing is copied, and memory does not grow with the data."""
+    base = seqs[0]._base if len(seqs) else None
+    if torch.device(device).type == "cpu" and base is not None and base.is_contiguous() and all(
+            x._base is base and x.is_contiguous() for x in seqs):
+        row = max(base[:1].numel(), 1)
+        return base, torch.tensor([(x.storage_offset() - base.storage_offset()) // row for x in seqs])
     lengths = torch.tensor([len(x) for x in seqs], dtype=torch.long)
-    return torch.cat(list(seqs)).to(device), (lengths.cumsum(0) - lengths).to(device)
+    flat = torch.empty((int(lengths.sum()), *seqs[0].shape[1:]), dtype=seqs[0].dtype, device=device)
+    for x, start in zip(seqs, (lengths.cumsum(0) - lengths).tolist()):  # one at a time: no second host copy
+        flat[start:start + len(x)] = x.to(device)
+    return flat, (lengths.cumsum(0) - lengths).to(device)
 
 
 def take(packed, ep, start, length, fill=None):
@@ -1129,8 +1171,11 @@ def take(packed, ep, start, length, fill=None):
 
 def windows(lengths, length):
     """(episode index, start) of every run of `length` consecutive entries in sequences of the
-    given lengths: the training and evaluation windows of the dynamics scripts."""
-    return [(i, s) for i, n in enumerate(lengths) for s in range(n - length + 1)]
+    given lengths, an (n, 2) int64 array: the training and evaluation windows of the dynamics
+    scripts (16 bytes a window: a million of them as Python tuples would take ten times that)."""
+    counts = np.maximum(np.asarray(lengths, dtype=np.int64).reshape(-1) - length + 1, 0)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.stack([np.repeat(np.arange(len(counts)), counts), np.arange(counts.sum()) - first], 1)
 
 
 # =============================================================================
@@ -1331,7 +1376,7 @@ def load_tokenizer(path, kinds=("vqvae",)):
 # every block; plus a copy-the-last-frame logit, since ~99% of tokens do not change.
 
 class FiLMBlock(nn.Module):
-    def __init__(self, c, cond, attend=False):
+    def __init__(self, c, cond, attend=False, sides=False):
         super().__init__()
         self.n1, self.c1 = nn.GroupNorm(groups(c), c), nn.Conv2d(c, c, 3, padding=1)
         self.n2, self.c2 = nn.GroupNorm(groups(c), c), nn.Conv2d(c, c, 3, padding=1)
@@ -1339,7 +1384,10 @@ class FiLMBlock(nn.Module):
         self.glob = nn.Linear(c, c)  # global context: scores, serves, events far away
         # where the global context looks: attention pooling (one learned score per cell) in place of
         # the mean, in which one ball is 1 cell of 336
-        self.where = nn.Conv2d(c, 1, 1) if attend else None
+        self.where = nn.Conv2d(c, 1, 1) if attend or sides else None
+        # sides: each row also sees the same pooling over the rows above it and over those below:
+        # "the ball is above me", which a global vector cannot say and 3x3 convs see 7 cells far
+        self.above, self.below = (nn.Linear(c, c), nn.Linear(c, c)) if sides else (None, None)
 
     def forward(self, x, cond):
         g, b = self.film(cond)[:, :, None, None].chunk(2, 1)
@@ -1348,8 +1396,22 @@ class FiLMBlock(nn.Module):
             pooled = h.mean((2, 3))
         else:
             pooled = (self.where(h).flatten(2).softmax(-1) * h.flatten(2)).sum(-1)
-        h = F.gelu(self.n2(h) * (1 + g) + b + self.glob(pooled)[:, :, None, None])
+        ctx = self.glob(pooled)[:, :, None, None]
+        if self.above is not None:
+            ctx = ctx + self.sides(h)
+        h = F.gelu(self.n2(h) * (1 + g) + b + ctx)
         return x + self.c2(h)
+
+    def sides(self, h):
+        """(B, c, H, 1): attention-pooled rows above and below each row, each through its own linear."""
+        s = self.where(h)
+        e = (s - s.amax((2, 3), keepdim=True)).exp()
+        num, den = (e * h).sum(3), e.sum(3)  # per row: (B, c, H), (B, 1, H)
+        cn, cd = num.cumsum(2), den.cumsum(2)
+        above = (cn - num) / (cd - den + 1e-6)  # rows 0..r-1 (none for row 0: zero)
+        below = (cn[:, :, -1:] - cn) / (cd[:, :, -1:] - cd + 1e-6)  # rows r+1..H-1
+        side = self.above(above.transpose(1, 2)) + self.below(below.transpose(1, 2))
+        return side.transpose(1, 2)[..., None]
 
 
 class TokenDynamics(nn.Module):
@@ -1364,10 +1426,12 @@ class TokenDynamics(nn.Module):
     other (MaskGIT, Chang et al. 2022): one ball served, not two halves of two balls. `games`
     > 0 makes one model of several games (seed 004): the game is an input, beside the actions,
     which are then ALE's 18 (full_actions). `attend` pools each block's view of the whole frame
-    by attention rather than the mean, so that one small far object (the ball) is seen."""
+    by attention rather than the mean, so that one small far object (the ball) is seen; `sides`
+    pools the rows above each row and those below it apart, so that a cell knows on which side
+    it is (Pong's opponent follows the ball's row from across the field)."""
 
     def __init__(self, n_codes, n_actions, grid, context=4, emb=32, dim=96, n_blocks=4, memory=0, masked=False,
-                 actions=1, games=0, attend=False):
+                 actions=1, games=0, attend=False, sides=False):
         super().__init__()
         self.n_codes, self.n_actions, self.context = n_codes, n_actions, context
         self.memory, self.masked, self.actions, self.games = memory, masked, actions, games
@@ -1380,7 +1444,7 @@ class TokenDynamics(nn.Module):
         self.inp = nn.Conv2d((context + bool(memory) + masked) * emb, dim, 3, padding=1)
         self.act = nn.Embedding(n_act, dim)
         self.act_bias = nn.Parameter(torch.zeros(n_act, dim, *grid))
-        self.blocks = nn.ModuleList(FiLMBlock(dim, dim, attend) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(FiLMBlock(dim, dim, attend, sides) for _ in range(n_blocks))
         self.out = nn.Sequential(nn.GroupNorm(groups(dim), dim), nn.GELU(), nn.Conv2d(dim, n_codes, 1))
         self.copy = nn.Parameter(torch.tensor(3.0))
 

@@ -4,7 +4,7 @@ Stage one trains the autoencoder: the seed-000 AE (84x84 gray -> 128-D) or the s
 (4 stacked 64x64 gray frames -> 64-D, beta 1e-4): four stride-2 convs, FC to the latent and
 back, transposed-conv decoder. It logs reconstruction loss, validation PSNR and, on Pong,
 whether the reconstruction keeps the ball; writes a real-vs-reconstruction PNG to assets/ and
-the latent cache (data/<game>/latents.npz, keyed by the checkpoint).
+the latent cache (data/<game>/latents.npy + .json, keyed by the checkpoint).
 
 Stage two trains the dynamics over those latents: an MLP on the last latents (seed 000) or a
 GRU (seed 004), K-step rollouts fed back with their gradient, scheduled sampling, MSE on
@@ -292,10 +292,10 @@ def train_dynamics(args, ae_path, out, name, device, rank, ranks):
     train, val = common.coded_episodes(args.data, latents, "latents", space, args.val_frac, args.seed)
     pool = common.windows([len(ep["latents"]) for ep in train], T + K)
     vpool = common.windows([len(ep["latents"]) for ep in val], T + H)
-    if not pool or not vpool:
+    if not len(pool) or not len(vpool):
         raise common.KitError(f"episodes in {args.data} are shorter than context + {max(K, H)} frames")
     rng = np.random.default_rng(1234)  # frozen eval indices (seed 003's gold eval)
-    fixed = [vpool[i] for i in sorted(rng.choice(len(vpool), min(args.eval_windows, len(vpool)), replace=False))]
+    fixed = vpool[np.sort(rng.choice(len(vpool), min(args.eval_windows, len(vpool)), replace=False))]
     print(f"data: {sum(len(e['actions']) for e in train)} train transitions ({len(train)} episodes), "
           f"{len(val)} val episodes, {len(fixed)} frozen eval windows; {ae.latent_dim}-D latents of {S} frame(s)")
 

@@ -333,11 +333,11 @@ def main():
     train, map_train, val = common.rank_zero_first(rank, lambda: load_data(args, tok_path, tok, tck, prev, device))
     pool = common.windows([len(ep["tokens"]) for ep in train], T + K)
     vpool = common.windows([len(ep["tokens"]) for ep in val], T + 1)
-    if not pool or not vpool:
+    if not len(pool) or not len(vpool):
         raise common.KitError(f"episodes are shorter than context + rollout ({T + K} frames): record longer ones")
     g = np.random.default_rng(args.seed + rank)  # each rank its own draws
     pick = np.random.default_rng(1234).choice(len(vpool), min(args.eval_windows, len(vpool)), replace=False)
-    fixed = [vpool[i] for i in sorted(pick)]  # frozen validation transitions (seed 003's gold eval)
+    fixed = vpool[np.sort(pick)]  # frozen validation transitions (seed 003's gold eval)
     grid = tuple(train[0]["tokens"].shape[1:])
     print(f"data: {sum(len(e['tokens']) - 1 for e in train)} transitions of {args.data} (frames only), "
           f"{len(map_train)} labelled episodes for the map, {len(val)} validation episodes; token grid {grid}")

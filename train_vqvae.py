@@ -3,7 +3,7 @@
 The seed-003 VQ-VAE (conv encoder, EMA codebook with dead-code reset, nearest-upsample
 decoder) with CPU-sized widths. Logs reconstruction loss, validation PSNR, codebook usage,
 perplexity and stability; writes a real-vs-reconstruction PNG to assets/ and the token cache
-that train_world.py reads (data/<game>/tokens.npz, keyed by this checkpoint).
+that train_world.py reads (data/<game>/tokens.npy + .json, keyed by this checkpoint).
 
 Examples:
   python train_vqvae.py                                    # data/pong -> checkpoints/pong/vqvae.pt

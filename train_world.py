@@ -12,7 +12,7 @@ Examples:
   python train_world.py                                   # data/pong + checkpoints/pong/vqvae.pt
   python train_world.py --steps 4000 --dim 128            # longer, wider
   python train_world.py --resume --steps 6000             # continue with optimizer and step
-  python train_world.py --steps 5800 --corrupt 0.1 --hard-share 0.5   # over max-pooled tokens: README, a playable Pong
+  python train_world.py --steps 5800 --corrupt 0.1 --hard-share 0.5 --attend --sides   # max-pooled tokens: README
   python train_world.py --arch attn --dim 128 --blocks 4  # the attention layout of the README
   torchrun --nproc_per_node 2 train_world.py              # 2 processes, same global --batch
   python train_world.py --data data/pong data/breakout data/spaceinvaders   # one model of 3 games (seed 004)
@@ -47,6 +47,8 @@ p.add_argument("--emb", type=common.positive_int, default=32,
 p.add_argument("--blocks", type=common.positive_int, default=3, help="residual FiLM blocks (2 convs each)")
 p.add_argument("--attend", action=argparse.BooleanOptionalAction, default=False,
                help="conv: each block's global context is attention-pooled, not the mean")
+p.add_argument("--sides", action=argparse.BooleanOptionalAction, default=False,
+               help="conv: each row also sees the attention-pooled rows above it and below it")
 p.add_argument("--memory", type=common.nonneg_int, default=32,
                help="conv: also see the steps since each cell last changed, up to N (0: no memory beyond the context)")
 p.add_argument("--actions", type=common.positive_int, default=2,
@@ -101,26 +103,30 @@ p.add_argument("--assets", default="assets", help="where the dream GIF goes")
 # data: windows of tokens, and the actions between them
 
 def pack(eps, device, to_full=None):
-    """Every episode's tokens, actions, rewards, ends and memory on the device once (common.pack):
-    a batch is then gathered there, without a copy from the host each step. Several games: each
+    """Every episode's tokens, actions, rewards and ends on the device once (common.pack): a
+    batch is then gathered there, without a copy from the host each step. Several games: each
     episode's game, and `to_full` (games, most actions), each game's actions among ALE's 18."""
-    keys = [k for k in ("tokens", "actions", "rewards", "terminated", "ages") if k in eps[0]]
+    keys = [k for k in ("tokens", "actions", "rewards", "terminated") if k in eps[0]]
     data = {k: common.pack([ep[k] for ep in eps], device) for k in keys}
     if to_full is not None:
         data["game"], data["to_full"] = torch.tensor([ep["game"] for ep in eps], device=device), to_full.to(device)
     return data
 
 
-def batch(data, idx, T, K, past=0, unknown=0):
+def batch(data, idx, T, K, past=0, unknown=0, memory=0):
     """history (B, T, h, w), actions (B, past + K): the `past` before the first step (`unknown`
     before the episode starts) and the K of the steps, targets (B, K, h, w) of the windows idx
-    ((B, 2) long: episode, start), the memory at the last history frame (B, h, w), or None, and
-    the game (B,), or None. The episodes keep their game's own actions; a model of several
-    games sees them among ALE's 18."""
+    ((B, 2) long: episode, start), the memory at the last history frame (B, h, w) (None without
+    `memory`), and the game (B,), or None. The episodes keep their game's own actions; a model
+    of several games sees them among ALE's 18."""
     ep, s = idx[:, 0], idx[:, 1]
     tok = common.take(data["tokens"], ep, s, T + K).long()
     act = common.take(data["actions"], ep, s + T - 1 - past, past + K, fill=unknown)
-    age = common.take(data["ages"], ep, s + T - 1, 1)[:, 0].long() if "ages" in data else None
+    age = None
+    if memory:  # the ages at the last history frame, from the memory + 2 frames up to it: a cell still
+        # through all of them is "longer ago" either way; before the episode, a token no frame has (a reset)
+        age = common.ages(common.take(data["tokens"], ep, s + T - memory - 2, memory + 2, fill=-1).long(),
+                          memory, unknown=True)[:, -1]
     game = data["game"][ep] if "game" in data else None
     if game is not None:
         table = data["to_full"]
@@ -207,7 +213,7 @@ def evaluate(wm, val, fixed, to_full=None):
     world: decoded PSNR next to copy-last-frame, and the Pong objects. One game's episodes."""
     dyn, T, H, n = wm.dyn.eval(), wm.context, max(common.HORIZONS), getattr(wm.dyn, "actions", 1)
     data, idx = pack(val, wm.device, to_full), torch.tensor(fixed, device=wm.device)
-    hist, act, tgt, age, game = batch(data, idx, T, H, n - 1, dyn.n_actions)
+    hist, act, tgt, age, game = batch(data, idx, T, H, n - 1, dyn.n_actions, dyn.memory)
     pred = dyn(hist, act[:, :n], age, None, game).argmax(1)
     changed = tgt[:, 0] != hist[:, -1]
     m = {"acc": (pred == tgt[:, 0]).float().mean().item(),
@@ -281,34 +287,30 @@ def main():
     most = max(len(m) for m in games.values())
     to_full = torch.tensor([common.full_actions(m) + [0] * (most - len(m)) for m in games.values()]) if joint else None
     if args.arch != "conv":  # the attention layout is kept as it was measured: one action, no memory
-        args.memory, args.masked, args.actions, args.attend = 0, False, 1, False
-    if args.memory:  # the steps since each cell changed, counted from each episode's start (a reset)
-        for ep in train + [ep for val in vals.values() for ep in val]:
-            ep["ages"] = common.ages(ep["tokens"], args.memory).to(torch.uint8)
+        args.memory, args.masked, args.actions, args.attend, args.sides = 0, False, 1, False, False
     pool = common.windows([len(ep["tokens"]) for ep in train], T + K)
-    if not pool:
+    if not len(pool):
         raise common.KitError(f"episodes in {' '.join(args.data)} are shorter than context + rollout ({T + K} frames)")
     rng, fixed = np.random.default_rng(1234), {}  # frozen eval indices (seed 003's gold eval)
     for game, val in vals.items():
         vpool = common.windows([len(ep["tokens"]) for ep in val], T + H)
-        if not vpool:
+        if not len(vpool):
             raise common.KitError(f"{game[4:-3]}'s validation episodes are shorter than {T + H} frames")
-        fixed[game] = [vpool[i] for i in sorted(rng.choice(len(vpool), min(args.eval_windows, len(vpool)),
-                                                           replace=False))]
+        fixed[game] = vpool[np.sort(rng.choice(len(vpool), min(args.eval_windows, len(vpool)), replace=False))]
     grid = tuple(train[0]["tokens"].shape[1:])
     # the heads' transitions (episode, step) with the frames they read, and the rare ones that pay or end,
     # with the two steps either side: the ball is just as gone one step after the point, which pays nothing
-    transitions = [(i, j) for i, ep in enumerate(train) for j in range(1, len(ep["actions"]))]
-    paid = {(i, j) for i, j in transitions if train[i]["rewards"][j] != 0 or train[i]["terminated"][j]}
-    events = [(i, j) for i, j in transitions if any((i, j + d) in paid for d in range(-2, 3))]
-    print(f"data: {sum(len(e['actions']) for e in train)} train transitions ({len(train)} episodes, {len(paid)} "
-          f"with a reward or an end), {sum(map(len, vals.values()))} val episodes, "
+    paid = [((ep["rewards"] != 0) | ep["terminated"]).numpy() for ep in train]
+    near = np.concatenate([np.convolve(m, np.ones(5))[2:len(m) + 2] > 0 for m in paid])  # within 2 steps
+    steps = common.windows([len(ep["actions"]) for ep in train], 1)  # every (episode, step)
+    transitions, events = steps[steps[:, 1] >= 1], steps[(steps[:, 1] >= 1) & near]
+    print(f"data: {sum(len(e['actions']) for e in train)} train transitions ({len(train)} episodes, "
+          f"{int(sum(map(np.sum, paid)))} with a reward or an end), {sum(map(len, vals.values()))} val episodes, "
           f"{sum(map(len, fixed.values()))} frozen eval windows; token grid {grid}; {', '.join(games)}")
     data = pack(train, device, to_full)  # on the device once: batches are gathered there
     del train  # the packed copy is the only one kept
     common.release_heap()
-    pool, transitions, events = (torch.tensor(rows, dtype=torch.long, device=device).view(-1, 2)
-                                 for rows in (pool, transitions, events))
+    pool, transitions, events = (torch.from_numpy(rows).to(device) for rows in (pool, transitions, events))
 
     # -------------------------------------------------------------------------
     # model
@@ -322,6 +324,8 @@ def main():
         model_args["actions"] = args.actions
     if args.attend:
         model_args["attend"] = True
+    if args.sides:
+        model_args["sides"] = True
     if joint:
         model_args["games"] = len(games)
 
@@ -380,7 +384,7 @@ def main():
             if hard:  # windows not trained on yet have no loss: the uniform share finds them
                 rows = torch.cat([rows, torch.multinomial(surprise + 1e-12, hard, replacement=True)])
             idx = pool[rows]
-            hist, act, tgt, age, game = batch(data, idx, T, K, args.actions - 1, len(meanings))
+            hist, act, tgt, age, game = batch(data, idx, T, K, args.actions - 1, len(meanings), args.memory)
             # some windows remember only themselves, as a dream started from real frames does
             fresh = torch.rand(len(hist), 1, 1, device=device) < args.fresh_starts
             if args.memory:

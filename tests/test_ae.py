@@ -54,7 +54,7 @@ def test_outputs(latent):
     tmp = latent["tmp"]
     for f in ("pong_ae_recon.png", "pong_vae_recon.png", "pong_dream_ae.gif", "pong_dream_vae.gif"):
         assert (tmp / f).stat().st_size > 0, f
-    assert (latent["data"] / "latents.npz").exists()
+    assert (latent["data"] / "latents.npy").exists() and (latent["data"] / "latents.json").exists()
     ae = common.load_checkpoint(latent["ae"], ("ae",))
     for key in ("model_args", "model", "optimizer", "frame_space", "game", "action_meanings", "step", "args", "metrics"):
         assert key in ae, key

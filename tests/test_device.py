@@ -41,9 +41,10 @@ def test_conv_ae_on_meta(vae):
     backward(model(torch.zeros(2, 4, 64, 64, dtype=torch.uint8, device=META)))
 
 
-@pytest.mark.parametrize("kw", [dict(arch="conv", memory=8, masked=True, actions=2, attend=True), dict(arch="conv"),
+@pytest.mark.parametrize("kw", [dict(arch="conv", memory=8, masked=True, actions=2, attend=True, sides=True),
+                                dict(arch="conv"),
                                 dict(arch="attn", dim=32), dict(arch="lam", n_latent_actions=4)],
-                         ids=["conv-memory-masked-attend", "conv", "attn", "lam"])
+                         ids=["conv-memory-masked-attend-sides", "conv", "attn", "lam"])
 def test_token_dynamics_on_meta(kw):
     dyn = common.make_dynamics(**dict(n_codes=CODES, n_actions=ACTIONS, grid=GRID, context=4), **kw).to(META)
     act = torch.randint(ACTIONS, (2, kw["actions"]) if "actions" in kw else (2,)).to(META)
@@ -68,11 +69,9 @@ def test_training_losses_on_meta():
     args = train_world.p.parse_args(["--memory", "8"])
     eps = [dict(tokens=torch.randint(CODES, (12, *GRID)), actions=torch.randint(ACTIONS, (11,)),
                 rewards=torch.zeros(11), terminated=torch.zeros(11, dtype=torch.bool)) for _ in range(2)]
-    for ep in eps:
-        ep["ages"] = common.ages(ep["tokens"], args.memory).to(torch.uint8)
     data = train_world.pack(eps, META)
     idx = torch.tensor([[0, 0], [1, 3]], device=META)
-    hist, act, tgt, age, game = train_world.batch(data, idx, 4, args.rollout, args.actions - 1, ACTIONS)
+    hist, act, tgt, age, game = train_world.batch(data, idx, 4, args.rollout, args.actions - 1, ACTIONS, args.memory)
     assert hist.device == act.device == tgt.device == age.device == META
     dyn = common.make_dynamics("conv", n_codes=CODES, n_actions=ACTIONS, grid=GRID, memory=8, masked=True,
                                actions=2).to(META)

@@ -15,14 +15,14 @@ from conftest import describe, first_frames, run_script
 
 VQ = ("--steps", "6", "--eval-every", "6", "--batch", "8")
 WORLD = ("--steps", "4", "--eval-every", "4", "--eval-windows", "4", "--gif-steps", "5", "--batch", "4",
-         "--memory", "8", "--corrupt", "0.2", "--hard-share", "0.5", "--attend")
+         "--memory", "8", "--corrupt", "0.2", "--hard-share", "0.5", "--attend", "--sides")
 
 
 @pytest.fixture(scope="module")
 def tiny(pong_data, tmp_path_factory):
     """A tiny world of the default kind (memory, masked decoding, two actions), trained a few steps, with
     the playable recipe's damaged pasts (--corrupt), hard windows (--hard-share) and attention-pooled
-    context (--attend)."""
+    context (--attend), also over the rows above and below (--sides)."""
     tmp = tmp_path_factory.mktemp("dream")
     data = tmp / "pong"
     shutil.copytree(pong_data, data)
@@ -117,15 +117,13 @@ def train_serve(memory, steps=200, T=4, K=2):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     eps = [{"tokens": serve_episode(rng), "actions": torch.zeros(159, dtype=torch.long)} for _ in range(6)]
-    for ep in eps:
-        ep["ages"] = common.ages(ep["tokens"], memory)
     args = train_world.p.parse_args(["--memory", str(memory)])
     dyn = common.TokenDynamics(4, 1, (4, 4), T, emb=8, dim=32, n_blocks=2, memory=memory)
     opt = torch.optim.AdamW(dyn.parameters(), lr=3e-3)
     pool = torch.tensor(common.windows([len(ep["tokens"]) for ep in eps], T + K))
     data, emb, disc = train_world.pack(eps, "cpu"), torch.eye(4), torch.tensor([0.6, 0.4])
     for _ in range(steps):
-        hist, act, tgt, age, game = train_world.batch(data, pool[rng.integers(len(pool), size=32)], T, K)
+        hist, act, tgt, age, game = train_world.batch(data, pool[rng.integers(len(pool), size=32)], T, K, memory=memory)
         loss, _ = train_world.token_loss(dyn, hist, act, tgt, age if memory else None, game, 1.0, emb, disc, args)
         opt.zero_grad()
         loss.backward()
@@ -156,6 +154,36 @@ def serves_on_time(dyn, delay=8, T=4):
 def test_memory_learns_the_timer_that_four_frames_cannot_count():
     assert serves_on_time(train_serve(memory=16)) >= 0.9
     assert serves_on_time(train_serve(memory=0)) == 0.0
+
+
+def test_sides_tell_each_row_what_is_above_it_and_what_is_below():
+    """--sides: a row's context from above pools the rows above it only (so a paddle can tell on
+    which side the ball is however far it is), and the one from below the rows below."""
+    blk = common.FiLMBlock(8, 4, attend=True, sides=True)
+    h = torch.zeros(1, 8, 10, 6)
+    h[0, :, 5, 2] = 1.0  # one object, in row 5
+    with torch.no_grad():
+        for lin in (blk.above, blk.below):
+            lin.bias.zero_()
+        blk.below.weight.zero_()
+        above = blk.sides(h)[0, :, :, 0].abs().sum(0)
+        blk.below.weight.normal_()
+        blk.above.weight.zero_()
+        below = blk.sides(h)[0, :, :, 0].abs().sum(0)
+    assert (above[:6] == 0).all() and (above[6:] > 0).all()  # rows 6-9 have it above them
+    assert (below[:5] > 0).all() and (below[5:] == 0).all()  # rows 0-4 have it below them
+
+
+def test_batches_count_ages_as_the_whole_episode_does():
+    """train_world.batch computes the memory from the frames up to the window, not a stored copy
+    (which would grow with the dataset): the same ages as counted from the episode's start."""
+    torch.manual_seed(0)
+    tokens = (torch.rand(40, 3, 3) < 0.15).long().cumsum(0) % 3  # cells that change now and then
+    eps = [dict(tokens=tokens, actions=torch.zeros(39, dtype=torch.long))]
+    data, memory, T = train_world.pack(eps, "cpu"), 5, 4
+    idx = torch.tensor([[0, s] for s in range(0, 40 - T - 1)])
+    age = train_world.batch(data, idx, T, 1, memory=memory)[3]
+    assert torch.equal(age, common.ages(tokens, memory)[idx[:, 1] + T - 1])
 
 
 def test_ages_count_from_the_first_frame_and_end_in_the_unknown_past():

@@ -1,5 +1,6 @@
 """The discrete path end to end: collect -> train_vqvae -> train_world -> load_world -> step,
 with tiny budgets, plus checkpoint round trip, resume, the token cache and bad input."""
+import json
 import os
 import shutil
 import signal
@@ -38,7 +39,7 @@ def test_pipeline_outputs(models):
     tmp = models["tmp"]
     assert (tmp / "pong_vqvae_recon.png").stat().st_size > 0
     assert (tmp / "pong_dream.gif").stat().st_size > 0
-    assert (models["data"] / "tokens.npz").exists()
+    assert (models["data"] / "tokens.npy").exists() and (models["data"] / "tokens.json").exists()
     ck = common.load_checkpoint(models["world"], ("world",))
     for key in ("model_args", "model", "tokenizer_args", "tokenizer", "frame_space", "game", "action_meanings", "step", "args"):
         assert key in ck, key
@@ -90,14 +91,13 @@ def test_token_cache_rebuilt_for_another_tokenizer(models, tmp_path):
     vq2 = tmp_path / "vq2.pt"
     r = run_script("train_vqvae.py", "--data", data, "--out", vq2, "--assets", tmp_path, "--seed", "1", *VQ)
     assert r.returncode == 0, describe(r)
-    with np.load(data / "tokens.npz") as z:  # train_vqvae rebuilt it for its own checkpoint
-        assert str(z["key"]) == common.file_key(vq2)
+    key = lambda: json.loads((data / "tokens.json").read_text())["key"]
+    assert key() == common.file_key(vq2)  # train_vqvae rebuilt it for its own checkpoint
     r = run_script("train_world.py", "--data", data, "--tokenizer", models["vq"], "--out", tmp_path / "w.pt",
                    "--assets", tmp_path, *WORLD)
     assert r.returncode == 0, describe(r)
     assert "built by another tokenizer: rebuilding" in r.stderr
-    with np.load(data / "tokens.npz") as z:
-        assert str(z["key"]) == common.file_key(models["vq"])
+    assert key() == common.file_key(models["vq"])
 
 
 def one_line_error(r, *words):
@@ -127,7 +127,7 @@ def test_empty_and_corrupt_datasets(models, tmp_path):
                    "no episodes")
     bad = tmp_path / "bad"
     shutil.copytree(models["data"], bad)
-    os.remove(bad / "tokens.npz")
+    os.remove(bad / "tokens.json")
     victim = sorted(bad.glob("ep_*.npz"))[0]
     victim.write_bytes(victim.read_bytes()[:5000])
     r = run_script("train_vqvae.py", "--data", bad, "--out", tmp_path / "x.pt", "--assets", tmp_path, *VQ)
@@ -145,7 +145,7 @@ def test_nan_loss_stops_with_step(models, tmp_path):
 def test_token_cache_reencodes_a_rerecorded_episode(models, tmp_path):
     data = tmp_path / "pong"
     shutil.copytree(models["data"], data)
-    (data / "tokens.npz").unlink(missing_ok=True)
+    (data / "tokens.json").unlink(missing_ok=True)
     _, ck = common.load_tokenizer(models["vq"])
     torch.manual_seed(0)  # a 6-step patch tokenizer draws every cell with one code; a random conv one does not
     tok = common.VQVAE(**{**ck["model_args"], "patch": False}).eval()
@@ -156,6 +156,27 @@ def test_token_cache_reencodes_a_rerecorded_episode(models, tmp_path):
     shutil.copy(data / b, data / a)  # episode a re-recorded: same name, other content
     again = common.token_cache(*args)
     assert torch.equal(again[a], first[b]) and torch.equal(again[b], first[b])
+
+
+def test_token_cache_is_read_in_place(models, tmp_path):
+    """The cache is memory-mapped and the trainers gather from it without a copy: memory stays
+    flat as the dataset grows. A torn cache (data and index from two builds) is rebuilt."""
+    import train_world
+    data = tmp_path / "pong"
+    shutil.copytree(models["data"], data)
+    tok, ck = common.load_tokenizer(models["vq"])
+    args = (str(data), str(models["vq"]), tok, ck["frame_space"], "cpu", ck["game"])
+    codes = common.token_cache(*args)
+    eps = [dict(tokens=c, actions=torch.zeros(len(c) - 1, dtype=torch.long)) for c in codes.values()]
+    flat, starts = train_world.pack(eps[::-1], "cpu")["tokens"]
+    assert isinstance(flat.numpy(), np.ndarray) and flat.untyped_storage().data_ptr() == \
+        next(iter(codes.values()))._base.untyped_storage().data_ptr()
+    for ep, s in zip(eps[::-1], starts.tolist()):
+        assert torch.equal(flat[s:s + len(ep["tokens"])], ep["tokens"])
+    with open(data / "tokens.npy", "ab") as f:  # the data of another build: its size no longer matches
+        f.write(b"\0" * 672)
+    again = common.token_cache(*args)
+    assert sorted(again) == sorted(codes) and all(torch.equal(again[k], codes[k]) for k in codes)
 
 
 def test_dead_codes_reseeded_where_the_weight_is():
