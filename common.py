@@ -35,8 +35,10 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
+import threading
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -950,8 +952,18 @@ def frame_stream(episodes, space, batch, length=1, workers=STREAM_WORKERS, seed=
 # flags, weights); written atomically, read with weights_only=True
 
 def save_checkpoint(path, ckpt):
+    """Written atomically; a Ctrl-C that lands while it is written waits for the write, then
+    stops the script as usual (whose handler saves once more): a checkpoint is never cut short."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _atomic_write(path, lambda f: torch.save(ckpt, f))
+    if threading.current_thread() is not threading.main_thread():  # signals are the main thread's
+        return _atomic_write(path, lambda f: torch.save(ckpt, f))
+    caught, handler = [], signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        _atomic_write(path, lambda f: torch.save(ckpt, f))
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if handler is None else handler)
+    if caught:  # now, to the script's own handler
+        signal.raise_signal(signal.SIGINT)
 
 
 # constructor arguments renamed since checkpoints were first written: old files still load

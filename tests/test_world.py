@@ -243,3 +243,19 @@ def test_checkpoints_with_old_argument_names_still_load(models, tmp_path):
                    "--latent", "8", *VQ)  # the old flag name works, with a warning
     assert r.returncode == 0 and "--latent is now --code-dim" in r.stderr, describe(r)
     assert common.load_checkpoint(tmp_path / "vq.pt")["model_args"]["code_dim"] == 8
+
+
+def test_ctrl_c_during_a_checkpoint_write_waits_for_it(tmp_path, monkeypatch):
+    """A Ctrl-C that lands while a checkpoint is written comes after the write: the script's
+    handler then saves and stops as usual, and no checkpoint is ever cut short."""
+    import signal
+    save = torch.save
+
+    def interrupted(obj, f):  # Ctrl-C half way through the write
+        signal.raise_signal(signal.SIGINT)
+        save(obj, f)
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(tmp_path / "ck.pt", {"w": torch.arange(10)})
+    assert torch.load(tmp_path / "ck.pt", weights_only=True)["w"].tolist() == list(range(10))
