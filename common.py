@@ -1025,7 +1025,8 @@ def _encoded(data_dir, tok_path, encode, space, game, skip_bad, name, read=True)
     old, kept = _read_cache(path, index, key, name), []
     if old is not None:
         kept = [e for e in old[1] if e[0] in sig and e[1] == sig[e[0]]]
-    todo = [f for f in files if os.path.basename(f) not in {e[0] for e in kept}]
+    done = {e[0] for e in kept}
+    todo = [f for f in files if os.path.basename(f) not in done]
 
     def decode(f):  # zlib and the resize release the GIL: the next episodes decode while one encodes
         try:
@@ -1404,20 +1405,21 @@ class FiLMBlock(nn.Module):
     def forward(self, x, cond):
         g, b = self.film(cond)[:, :, None, None].chunk(2, 1)
         h = self.c1(F.gelu(self.n1(x)))
-        if self.where is None:
+        score = None if self.where is None else self.where(h)
+        if score is None:
             pooled = h.mean((2, 3))
         else:
-            pooled = (self.where(h).flatten(2).softmax(-1) * h.flatten(2)).sum(-1)
+            pooled = (score.flatten(2).softmax(-1) * h.flatten(2)).sum(-1)
         ctx = self.glob(pooled)[:, :, None, None]
         if self.above is not None:
-            ctx = ctx + self.sides(h)
+            ctx = ctx + self.sides(h, score)
         h = F.gelu(self.n2(h) * (1 + g) + b + ctx)
         return x + self.c2(h)
 
-    def sides(self, h):
-        """(B, c, H, 1): attention-pooled rows above and below each row, each through its own linear."""
-        s = self.where(h)
-        e = (s - s.amax((2, 3), keepdim=True)).exp()
+    def sides(self, h, score):
+        """(B, c, H, 1): the rows above and below each row, pooled by the attention scores (B, 1,
+        H, W) of the global context, each through its own linear."""
+        e = (score - score.amax((2, 3), keepdim=True)).exp()
         num, den = (e * h).sum(3), e.sum(3)  # per row: (B, c, H), (B, 1, H)
         cn, cd = num.cumsum(2), den.cumsum(2)
         above = (cn - num) / (cd - den + 1e-6)  # rows 0..r-1 (none for row 0: zero)

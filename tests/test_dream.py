@@ -166,10 +166,10 @@ def test_sides_tell_each_row_what_is_above_it_and_what_is_below():
         for lin in (blk.above, blk.below):
             lin.bias.zero_()
         blk.below.weight.zero_()
-        above = blk.sides(h)[0, :, :, 0].abs().sum(0)
+        above = blk.sides(h, blk.where(h))[0, :, :, 0].abs().sum(0)
         blk.below.weight.normal_()
         blk.above.weight.zero_()
-        below = blk.sides(h)[0, :, :, 0].abs().sum(0)
+        below = blk.sides(h, blk.where(h))[0, :, :, 0].abs().sum(0)
     assert (above[:6] == 0).all() and (above[6:] > 0).all()  # rows 6-9 have it above them
     assert (below[:5] > 0).all() and (below[5:] == 0).all()  # rows 0-4 have it below them
 
