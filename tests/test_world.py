@@ -192,6 +192,32 @@ def test_dead_codes_reseeded_where_the_weight_is():
     assert (vq.cluster_size[4:] == 1).all()
 
 
+
+@pytest.mark.parametrize("memory,masked", [(0, False), (8, True), (0, True)])
+def test_the_dynamics_input_looked_up_is_the_input_conv(memory, masked):
+    """Without gradients the input conv is read from tables; the same logits as the conv, and the
+    tables follow the weights when they change."""
+    torch.manual_seed(0)
+    dyn = common.TokenDynamics(16, 3, (5, 4), context=3, emb=8, dim=16, n_blocks=1, memory=memory, masked=masked)
+    hist, action = torch.randint(16, (2, 3, 5, 4)), torch.randint(3, (2,))
+    age, partial = torch.randint(memory + 2, (2, 5, 4)), torch.randint(17, (2, 5, 4))
+    args = (hist, action, age if memory else None, partial if masked else None)
+
+    def looked_up_and_conv():
+        with torch.no_grad():
+            looked_up = dyn(*args)
+        conv = dyn(*args)  # with gradients: the conv
+        assert torch.allclose(looked_up, conv, atol=1e-5)
+        return conv
+    before = looked_up_and_conv()
+    before.square().mean().backward()
+    torch.optim.SGD(dyn.parameters(), lr=0.5).step()
+    assert not torch.allclose(looked_up_and_conv(), before, atol=1e-3)
+    with torch.no_grad():
+        dyn.tok.weight.mul_(2)  # in place, outside an optimizer
+    looked_up_and_conv()
+
+
 def test_bench_runs(models, tmp_path):
     r = run_script("bench.py", "world", "--world", models["world"], "--data", models["data"], "--windows", "3", "--no-compile",
                    "--speed-steps", "20")
@@ -248,7 +274,6 @@ def test_checkpoints_with_old_argument_names_still_load(models, tmp_path):
 def test_ctrl_c_during_a_checkpoint_write_waits_for_it(tmp_path, monkeypatch):
     """A Ctrl-C that lands while a checkpoint is written comes after the write: the script's
     handler then saves and stops as usual, and no checkpoint is ever cut short."""
-    import signal
     save = torch.save
 
     def interrupted(obj, f):  # Ctrl-C half way through the write
@@ -256,6 +281,11 @@ def test_ctrl_c_during_a_checkpoint_write_waits_for_it(tmp_path, monkeypatch):
         save(obj, f)
 
     monkeypatch.setattr(torch, "save", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        common.save_checkpoint(tmp_path / "ck.pt", {"w": torch.arange(10)})
+    # Python's own handler, as a script has it (pytest started in the background inherits an ignored SIGINT)
+    old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            common.save_checkpoint(tmp_path / "ck.pt", {"w": torch.arange(10)})
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
     assert torch.load(tmp_path / "ck.pt", weights_only=True)["w"].tolist() == list(range(10))
