@@ -28,8 +28,9 @@ dream: closed loop. A player that reads only the frames it is shown (never the R
 --steps steps in the real game, and --steps steps inside the dream started from the same
 real frames, from a fresh reset and from mid-rally, over --seeds seeds; nothing real reaches
 the dream after its start. It prints how often a ball is on screen, serves, balls vanishing
-in mid-field, frames with two balls or a smear, impossible jumps, points (Breakout: bricks),
-how well the paddle follows the keys, and (Pong) how the opponent follows the ball; then, one
+in mid-field (and of them, those gone within 2 frames of appearing), frames with two balls or
+a smear, impossible jumps, points (Breakout: bricks), how well the paddle follows the keys,
+and (Pong) the steps from a point to the next serve and how the opponent follows the ball; then, one
 step from the real game's frames wherever its ball is in mid-field, how often the dream's next
 frame keeps a ball (what the vanish rate comes from), and whether the lost draws pile up on a
 few states; and writes assets/<game>_long_dream.gif.
@@ -271,20 +272,26 @@ def midfield(game, ball):
 def closed_loop_stats(scenes, actions, game, jump, smear):
     """Per run: the share of frames with a ball, and with the player's paddle; per 1000 steps:
     serves (a ball after 4 or more frames without one), balls vanishing in mid-field (a real
-    ball leaves by an edge or hides at a paddle or in the bricks), jumps farther than `jump`
+    ball leaves by an edge or hides at a paddle or in the bricks; and of those, the balls gone
+    within 2 frames of appearing: drawn from nothing, a serve out of time), jumps farther than `jump`
     raw pixels, points each way (Pong) or balls lost at the bottom (Breakout), brick pixels
     broken; frames with two balls or a blob bigger than `smear`; and how the paddle follows
     the keys: the correlation of the key's direction at step t with the paddle's move one step
     later (the emulator answers a key a step late); Pong: how the opponent chases the ball, the
-    correlation of the side the ball is on with the opponent's next move."""
+    correlation of the side the ball is on with the opponent's next move, and the median steps
+    from a point to the next serve (the serve's timer)."""
     pong, n = game == "ALE/Pong-v5", len(actions)
-    m = dict(ball=0.0, paddle=0.0, serves=0, vanish=0, multi=0, jumps=0, player=0, opponent=0, bricks=0.0)
-    gap = 0
-    for prev, s in zip(scenes, scenes[1:]):
+    m = dict(ball=0.0, paddle=0.0, serves=0, vanish=0, young=0, multi=0, jumps=0, player=0, opponent=0, bricks=0.0)
+    gap, shown, point, waits = 0, 0, None, []
+    for t, (prev, s) in enumerate(zip(scenes, scenes[1:])):
         m["ball"] += bool(s["balls"]) / n
         m["paddle"] += (s["paddle"] is not None) / n  # a paddle that moves can fade out of a dream
-        m["serves"] += bool(s["balls"]) and gap >= 4
+        if s["balls"] and gap >= 4:
+            m["serves"] += 1
+            waits += [] if point is None else [t - point]
+            point = None
         gap = 0 if s["balls"] else gap + 1
+        shown = shown + 1 if prev["balls"] else 0  # frames the ball of prev has been on screen
         m["multi"] += len(s["balls"]) > 1 or any(b[2] > smear for b in s["balls"])
         if len(prev["balls"]) == len(s["balls"]) == 1:
             m["jumps"] += np.hypot(*np.subtract(prev["balls"][0][:2], s["balls"][0][:2])) > jump
@@ -292,8 +299,10 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
             row, col, _ = prev["balls"][0]
             if midfield(game, prev["balls"][0]):
                 m["vanish"] += 1
+                m["young"] += shown <= 2  # a ball drawn from nothing that does not go on
             elif pong and (col < 34 or col > 126):
                 m["player" if col < 34 else "opponent"] += 1
+                point = t
             elif not pong and row >= 177:  # the bottom
                 m["opponent"] += 1
         if not pong:
@@ -308,7 +317,8 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
         m["chase"] = correlation([(np.sign(s["balls"][0][0] - opp[t]), opp[t + 1] - opp[t])
                                   for t, s in enumerate(scenes[:-1])
                                   if s["balls"] and opp[t] is not None and opp[t + 1] is not None])
-    for key in ("serves", "vanish", "jumps", "player", "opponent", "bricks"):
+    m["wait"] = float(np.median(waits)) if waits else float("nan")  # Pong serves 16 steps after a point
+    for key in ("serves", "vanish", "young", "jumps", "player", "opponent", "bricks"):
         m[key] *= 1000 / max(n, 1)
     m["multi"] /= max(n, 1)
     return m
@@ -399,11 +409,13 @@ def bench_dream(args):
             ("share of frames with the player's paddle", "paddle", "{:.2f}"),
             ("serves per 1000 steps", "serves", "{:.1f}"),
             ("ball vanishing in mid-field per 1000 steps", "vanish", "{:.1f}"),
+            ("of them, within 2 frames of appearing", "young", "{:.1f}"),
             ("frames with two balls or a smear", "multi", "{:.1%}"),
             ("impossible jumps per 1000 steps", "jumps", "{:.1f}"),
             ("paddle follows the keys (correlation)", "follow", "{:.2f}")]
     if wm.game == "ALE/Pong-v5":
-        rows += [("the opponent follows the ball (correlation)", "chase", "{:.2f}"),
+        rows += [("steps from a point to the next serve (median)", "wait", "{:.1f}"),
+                 ("the opponent follows the ball (correlation)", "chase", "{:.2f}"),
                  ("points per 1000 steps: player", "player", "{:.1f}"),
                  ("points per 1000 steps: opponent", "opponent", "{:.1f}")]
     else:

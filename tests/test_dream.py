@@ -273,6 +273,14 @@ def test_closed_loop_stats_count_the_paddle_and_a_ball_gone_in_mid_field():
     m = bench.closed_loop_stats(scenes, [0] * 4, "ALE/Pong-v5", jump=20.0, smear=50.0)
     assert m["paddle"] == pytest.approx(0.5) and m["ball"] == pytest.approx(0.25)
     assert m["vanish"] == pytest.approx(1000 / 4) and m["serves"] == 0
+    assert m["young"] == pytest.approx(1000 / 4)  # on screen 2 frames: drawn from nothing, gone
+
+
+def test_closed_loop_stats_time_the_serve_after_a_point():
+    scene = lambda *balls: dict(paddle=100.0, opponent=None, balls=list(balls))
+    scenes = [scene((100.0, 20.0, 4.0))] + [scene()] * 15 + [scene((115.0, 80.0, 4.0))] * 4  # a point, the serve
+    m = bench.closed_loop_stats(scenes, [0] * (len(scenes) - 1), "ALE/Pong-v5", jump=20.0, smear=50.0)
+    assert m["player"] > 0 and m["serves"] > 0 and m["wait"] == 15 and m["young"] == 0
 
 
 @pytest.mark.parametrize("sign", [1, -1])
