@@ -170,11 +170,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_vector_env_is_dreams_one_by_one(worlds, temperature, one_thread):
+@pytest.mark.parametrize("temperature,chunk", [(0.0, 64), (1.0, 64), (1.0, 2)])
+def test_vector_env_is_dreams_one_by_one(worlds, temperature, chunk, one_thread):
     n, steps = 3, 4
     vec = quiet(common.DreamVecEnv, str(worlds["heads"]), num_envs=n, start="data", temperature=temperature,
                 max_episode_steps=steps)
+    vec.world.DYNAMICS_CHUNK = vec.world.DECODER_CHUNK = chunk  # 2: the dreams in pieces, as 64 of 256 are
     rng = np.random.default_rng(0)
     actions = rng.integers(0, vec.single_action_space.n, size=(11, n))
     obs, _ = vec.reset(seed=5)
