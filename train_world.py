@@ -66,8 +66,9 @@ p.add_argument("--fresh-starts", type=common.probability, default=0.25,
                help="share of training windows that start as a dream from real frames does: no memory, "
                     "no earlier action")
 p.add_argument("--corrupt", type=common.probability, default=0.0,
-               help="most share of cells that go wrong in a training window's history and stay wrong (another cell's "
-                    "token): the model learns to repair what its own dream feeds it (GameNGen's context noise)")
+               help="most share of cells that go wrong in a training window's history and stay wrong (they turn "
+                    "into the background): the model learns to repair what its own dream feeds it "
+                    "(GameNGen's context noise)")
 p.add_argument("--hard-share", type=common.probability, default=0.0,
                help="share of each batch drawn in proportion to each window's loss when last trained on (the rare "
                     "moments, such as a ball meeting a paddle, come back more often)")
@@ -149,13 +150,15 @@ def importance(hist, target, emb, a):
 
 def corrupt(hist, age, most):
     """GameNGen's noise on the context (Valevski et al. 2024), in tokens: in each window a share
-    q ~ U(0, most) of the cells go wrong at a random frame of the history and stay wrong, taking
-    the token of a random cell of the newest frame: mostly the background, so objects lose cells,
-    and now and then a stray appears, as a dream's own errors do. The ages say when they changed;
-    the targets stay true, so the model learns to repair what its dream feeds it."""
+    q ~ U(0, most) of the cells go wrong at a random frame of the history and stay wrong, turning
+    into the background (the newest frame's most common token), so objects lose cells, as a
+    dream's own errors do. The ages say when they changed; the targets stay true, so the model
+    learns to repair what its dream feeds it. Nothing is planted: a token copied into an empty
+    cell (an earlier version) taught the model that a ball appearing from nowhere may be noise,
+    and so to doubt its own serves (README: the serve the model doubts)."""
     B, T, h, w = hist.shape
     q = torch.rand(B, 1, 1, device=hist.device) * most
-    other = hist[:, -1].flatten(1).gather(1, torch.randint(h * w, (B, h * w), device=hist.device)).view(B, h, w)
+    other = hist[:, -1].flatten(1).mode(1).values[:, None, None].expand(B, h, w)
     hit = (torch.rand(B, h, w, device=hist.device) < q) & (other != hist[:, -1])
     since = torch.randint(T, (B, h, w), device=hist.device)  # the first wrong frame
     wrong = hit[:, None] & (torch.arange(T, device=hist.device)[:, None, None] >= since[:, None])
