@@ -192,7 +192,6 @@ def test_dead_codes_reseeded_where_the_weight_is():
     assert (vq.cluster_size[4:] == 1).all()
 
 
-
 @pytest.mark.parametrize("memory,masked", [(0, False), (8, True), (0, True)])
 def test_the_dynamics_input_looked_up_is_the_input_conv(memory, masked):
     """Without gradients the input conv is read from tables; the same logits as the conv, and the
