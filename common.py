@@ -1211,25 +1211,41 @@ class ResBlock(nn.Module):
 class VectorQuantizer(nn.Module):
     """Nearest-code quantizer with EMA codebook updates (van den Oord et al. 2017, App. A.1;
     decay 0.99 as seed 003) and a straight-through gradient. Dead codes (EMA usage below
-    `dead_frac` of the mean) are re-seeded from the batch's encoder outputs."""
+    `dead_frac` of the mean) are re-seeded from the batch's encoder outputs. `games` > 1 cuts
+    the codebook into that many equal slices, one per game: every token of a frame comes from
+    one slice, its game's (given, or else the slice that draws the frame nearest), so a game
+    with a one-pixel ball keeps its share of codes beside games of many sprites."""
 
-    def __init__(self, n_codes, dim, decay=0.99, dead_frac=0.01, eps=1e-5):
+    def __init__(self, n_codes, dim, decay=0.99, dead_frac=0.01, eps=1e-5, games=1):
         super().__init__()
+        if n_codes % games:
+            raise KitError(f"{n_codes} codes cannot be cut into {games} equal slices, one per game")
         self.n_codes, self.dim, self.decay, self.dead_frac, self.eps = n_codes, dim, decay, dead_frac, eps
+        self.games = games
         self.register_buffer("embed", torch.randn(n_codes, dim) * 0.1)
         self.register_buffer("cluster_size", torch.ones(n_codes))
         self.register_buffer("embed_avg", self.embed.clone())
 
-    def codes(self, z):
+    def codes(self, z, game=None):
+        """z (B, dim, h, w) -> (indices (B, h, w), z as rows); game (B,) long: each frame's slice
+        of the codebook (None: the slice nearest to the whole frame)"""
+        B, _, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim)
         d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embed.t() + self.embed.pow(2).sum(1)
-        return d.argmin(1).view(z.shape[0], z.shape[2], z.shape[3]), flat
+        if self.games == 1:
+            return d.argmin(1).view(B, h, w), flat
+        best, idx = d.view(B, h * w, self.games, -1).min(3)  # the nearest code of each slice
+        if game is None:
+            game = best.sum(1).argmin(1)
+        pick = game[:, None, None].expand(B, h * w, 1)
+        idx = idx.gather(2, pick)[..., 0] + pick[..., 0] * (self.n_codes // self.games)
+        return idx.view(B, h, w), flat
 
     def lookup(self, idx):
         return F.embedding(idx, self.embed).permute(0, 3, 1, 2)
 
-    def forward(self, z):
-        idx, flat = self.codes(z)
+    def forward(self, z, game=None):
+        idx, flat = self.codes(z, game)
         q = self.lookup(idx)
         if self.training:
             with torch.no_grad():
@@ -1246,31 +1262,38 @@ class VectorQuantizer(nn.Module):
         return z + (q - z).detach(), idx, commit
 
     @torch.no_grad()
-    def reset_dead(self, z, weight=None):
-        """Re-seed rarely used codes with encoder outputs drawn by `weight` (B, h, w); returns how
-        many. Uniform draws land on the background (~98% of Atari tokens) and make near-duplicate
-        background codes that flip from frame to frame; drawing from where things are does not."""
-        dead = self.cluster_size < self.dead_frac * self.cluster_size.mean()
+    def reset_dead(self, z, weight=None, game=None):
+        """Re-seed rarely used codes with encoder outputs drawn by `weight` (B, h, w), each slice's
+        from its own game's frames (game (B,) long); returns how many. Uniform draws land on the
+        background (~98% of Atari tokens) and make near-duplicate background codes that flip from
+        frame to frame; drawing from where things are does not."""
+        size = self.cluster_size.view(self.games, -1)
+        dead = size < self.dead_frac * size.mean(1, keepdim=True)
+        flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim)
+        w = torch.ones(z.shape[0], *z.shape[2:], device=z.device) if weight is None else weight + 1e-6
+        for g in range(self.games):
+            n = int(dead[g].sum())
+            w_g = w if game is None or self.games == 1 else w * (game == g)[:, None, None]
+            if n and w_g.sum() > 0:
+                pick = flat[torch.multinomial(w_g.reshape(-1), n, replacement=True)]
+                codes = g * size.shape[1] + dead[g].nonzero()[:, 0]
+                self.embed[codes] = pick
+                self.embed_avg[codes] = pick
+                self.cluster_size[codes] = 1.0
         n = int(dead.sum())
-        if n:
-            flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim)
-            w = torch.ones(len(flat), device=flat.device) if weight is None else weight.reshape(-1) + 1e-6
-            pick = flat[torch.multinomial(w, n, replacement=True)]
-            self.embed[dead] = pick
-            self.embed_avg[dead] = pick
-            self.cluster_size[dead] = 1.0
-            if dist.is_initialized():  # each rank drew from its own batch: rank 0's draws win
-                for buffer in (self.embed, self.embed_avg, self.cluster_size):
-                    dist.broadcast(buffer, 0)
+        if n and dist.is_initialized():  # each rank drew from its own batch: rank 0's draws win
+            for buffer in (self.embed, self.embed_avg, self.cluster_size):
+                dist.broadcast(buffer, 0)
         return n
 
 
 class VQVAE(nn.Module):
     """(B, C, H, W) uint8 frames <-> (B, H/2^down, W/2^down) token indices. `hidden`: channels
     of the full-resolution convs (doubling at each stride-2 stage); `code_dim`: channels at the
-    token grid, which is the size of each codebook vector; `n_codes`: the codebook's size."""
+    token grid, which is the size of each codebook vector; `n_codes`: the codebook's size;
+    `games` > 1: a slice of it for each game (VectorQuantizer)."""
 
-    def __init__(self, in_ch=3, hidden=32, code_dim=64, n_codes=64, down=2, n_res=2, patch=False):
+    def __init__(self, in_ch=3, hidden=32, code_dim=64, n_codes=64, down=2, n_res=2, patch=False, games=1):
         super().__init__()
         self.n_codes, self.down = n_codes, down
         if patch:  # each token sees its own patch and nothing else: same pixels, same token
@@ -1286,7 +1309,7 @@ class VQVAE(nn.Module):
                 c = c_out
             enc += [ResBlock(code_dim) for _ in range(n_res)] + [nn.Conv2d(code_dim, code_dim, 1)]
         self.encoder = nn.Sequential(*enc)
-        self.quantizer = VectorQuantizer(n_codes, code_dim)
+        self.quantizer = VectorQuantizer(n_codes, code_dim, games=games)
         dec = [nn.Conv2d(code_dim, code_dim, 1)] + [ResBlock(code_dim) for _ in range(n_res)]
         c = code_dim
         for i in reversed(range(down)):
@@ -1297,10 +1320,11 @@ class VQVAE(nn.Module):
         dec += [nn.Conv2d(c, in_ch, 3, padding=1), nn.Tanh()]
         self.decoder = nn.Sequential(*dec)
 
-    def forward(self, x):
-        """x uint8 -> (reconstruction in [-1, 1], indices, commitment loss, pre-quantization z)"""
+    def forward(self, x, game=None):
+        """x uint8 -> (reconstruction in [-1, 1], indices, commitment loss, pre-quantization z);
+        game (B,) long: each frame's game, for a codebook cut per game (None: told by the frames)"""
         z = self.encoder(to_float(x))
-        q, idx, commit = self.quantizer(z)
+        q, idx, commit = self.quantizer(z, game)
         return self.decoder(q), idx, commit, z
 
     @torch.no_grad()
@@ -1439,18 +1463,22 @@ class TokenDynamics(nn.Module):
     where it is not) as an input, so that the uncertain cells of a frame can be drawn given each
     other (MaskGIT, Chang et al. 2022): one ball served, not two halves of two balls. `games`
     > 0 makes one model of several games (seed 004): the game is an input, beside the actions,
-    which are then ALE's 18 (full_actions). `attend` pools each block's view of the whole frame
+    which are then ALE's 18 (full_actions), each game with its own embeddings of them with
+    `game_actions`. `attend` pools each block's view of the whole frame
     by attention rather than the mean, so that one small far object (the ball) is seen; `sides`
     pools the rows above each row and those below it apart, so that a cell knows on which side
     it is (Pong's opponent follows the ball's row from across the field)."""
 
     def __init__(self, n_codes, n_actions, grid, context=4, emb=32, dim=96, n_blocks=4, memory=0, masked=False,
-                 actions=1, games=0, attend=False, sides=False):
+                 actions=1, games=0, attend=False, sides=False, game_actions=False):
         super().__init__()
         self.n_codes, self.n_actions, self.context = n_codes, n_actions, context
         self.memory, self.masked, self.actions, self.games = memory, masked, actions, games
         self.game = nn.Embedding(games, dim) if games else None
         n_act = n_actions if actions == 1 else actions * (n_actions + 1)  # per lag, and "unknown"
+        # the same key means another move in another game: RIGHT moves Pong's paddle up, Breakout's right
+        self.per_game = n_act if games and game_actions else 0
+        n_act = n_act * games if self.per_game else n_act
         self.tok = nn.Embedding(n_codes, emb)
         self.time = nn.Parameter(torch.zeros(context, emb, 1, 1))
         self.age = nn.Embedding(memory + 2, emb) if memory else None  # 0..memory, then longer ago or unknown
@@ -1485,6 +1513,8 @@ class TokenDynamics(nn.Module):
             action = action.view(B, -1)[:, -self.actions:]
             if self.actions > 1:
                 action = action + (self.n_actions + 1) * torch.arange(self.actions, device=action.device)
+            if self.per_game:
+                action = action + self.per_game * game[:, None]
             a, bias = self.act(action).sum(1), self.act_bias[action].sum(1)
         if self.games:  # the game conditions every block as the actions do, and the input
             a = a + self.game(game)

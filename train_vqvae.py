@@ -39,7 +39,11 @@ p.add_argument("--frame-space", default="rgb84x64", choices=list(common.FRAME_SP
 p.add_argument("--hidden", type=common.positive_int, default=16, help="channels of the full-resolution conv layers")
 p.add_argument("--code-dim", type=common.positive_int, default=32,
                help="channels at the token grid: the size of each codebook vector")
-p.add_argument("--codes", type=common.positive_int, default=64, help="codebook size (seed 003: 32)")
+p.add_argument("--codes", type=common.positive_int, default=None,
+               help="codebook size (default: 64 for each game; seed 003: 32)")
+p.add_argument("--split-codes", action=argparse.BooleanOptionalAction, default=True,
+               help="several games: each game draws from its own equal slice of the codebook "
+                    "(--no-split-codes: the games share every code)")
 p.add_argument("--encoder", default="patch", choices=["conv", "patch"],
                help="conv: seed 003's, whose tokens also see their neighbours; "
                     "patch: each token sees only its own patch")
@@ -85,10 +89,11 @@ def recon_grid(model, V, path, device):
 
 
 @torch.no_grad()
-def evaluate(model, val, device, batch=256):
-    """Validation PSNR (dB, on [0, 255]), codes used, perplexity, and stability: the share of
-    token cells whose pixels do not change between consecutive frames that keep their code
-    (a flip there is noise the world model would have to predict). `val` holds frame pairs."""
+def evaluate(model, val, device, games, batch=256):
+    """Validation PSNR (dB, on [0, 255]), over all frames and per game, codes used, perplexity,
+    and stability: the share of token cells whose pixels do not change between consecutive
+    frames that keep their code (a flip there is noise the world model would have to predict).
+    `val` holds frame pairs, one block per game: games {game: its frames in val}."""
     model.eval()
     mse, counts, stable = [], torch.zeros(model.n_codes), []
     for x in val.split(batch):
@@ -101,16 +106,18 @@ def evaluate(model, val, device, batch=256):
     model.train()
     prob = counts / counts.sum()
     perplexity = torch.exp(-(prob[prob > 0] * prob[prob > 0].log()).sum()).item()
-    return dict(val_psnr=common.psnr(torch.cat(mse)).mean().item(), codes_used=int((counts > 0).sum()),
+    psnr = common.psnr(torch.cat(mse))
+    by_game = {game: part.mean().item() for game, part in zip(games, psnr.split(list(games.values())))}
+    return dict(val_psnr=psnr.mean().item(), val_psnr_by_game=by_game, codes_used=int((counts > 0).sum()),
                 perplexity=perplexity, stability=torch.cat(stable).mean().item())
 
 
-def own_background(x, bgs):
-    """Each frame's game's median frame (bgs (G, C, H, W)), told by which one is nearest: frames
-    of two games differ far more than a frame differs from its own background."""
+def own_game(x, bgs):
+    """Each frame's game (B,) long, the one of the nearest median frame (bgs (G, C, H, W)):
+    frames of two games differ far more than a frame differs from its own background."""
     if len(bgs) == 1:
-        return bgs[0]
-    return bgs[(x[:, None].float() - bgs).abs().mean((2, 3, 4)).argmin(1)]
+        return torch.zeros(len(x), dtype=torch.long, device=x.device)
+    return (x[:, None].float() - bgs).abs().mean((2, 3, 4)).argmin(1)
 
 
 def main():
@@ -120,8 +127,13 @@ def main():
     rank_batch = common.per_rank(args.batch, ranks)
     name = "+".join(os.path.basename(os.path.normpath(d)) for d in args.data)
     out = args.out or os.path.join("checkpoints", name, "vqvae.pt")
+    args.codes = args.codes or 64 * len(args.data)
+    args.split_codes = args.split_codes and len(args.data) > 1
     if args.codes < 2:
         raise common.KitError("--codes must be at least 2")
+    if args.split_codes and args.codes % len(args.data):
+        raise common.KitError(f"--codes {args.codes} cannot be cut into {len(args.data)} equal slices, one per game "
+                              "(or --no-split-codes)")
 
     # -------------------------------------------------------------------------
     # data: frames streamed from the training episodes; validation = held-out episodes
@@ -132,6 +144,7 @@ def main():
         # consecutive frames (for stability), an equal share of each game's; and each game's background
         V.append(common.frame_runs(v or t, args.frame_space, 512 // len(args.data), 2).flatten(0, 1))
         bgs.append(common.background(t, args.frame_space, args.seed))
+    shares = dict(zip(games, map(len, V)))  # each game's validation frames
     V, bgs = torch.cat(V), torch.stack(bgs).to(device)
     meta = dict(game=next(iter(games)), action_meanings=next(iter(games.values())))
     if len(games) > 1:
@@ -148,6 +161,8 @@ def main():
     C = common.frame_shape(args.frame_space)[2]
     model_args = dict(in_ch=C, hidden=args.hidden, code_dim=args.code_dim, n_codes=args.codes, down=args.down,
                       patch=args.encoder == "patch")
+    if args.split_codes:
+        model_args["games"] = len(args.data)
     model = common.VQVAE(**model_args).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     step, metrics = 0, {}
@@ -175,11 +190,12 @@ def main():
     try:
         while step < args.steps:
             x = next(stream)[mine, 0].to(device)
-            w = 1 + args.fg_weight * ((x.float() - own_background(x, bgs)).abs().amax(1, keepdim=True) > 12).float()
+            game = own_game(x, bgs)
+            w = 1 + args.fg_weight * ((x.float() - bgs[game]).abs().amax(1, keepdim=True) > 12).float()
             lr = args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / args.steps))
             for group in opt.param_groups:
                 group["lr"] = lr
-            rec, idx, commit, z = fwd(x)
+            rec, idx, commit, z = fwd(x, game if args.split_codes else None)
             # normalized by the global batch's weight: the ranks' mean gradient is the whole batch's
             recon = (w * (rec - common.to_float(x)) ** 2).sum() * ranks / (common.all_sum(w.sum(), ranks) * x.shape[1])
             loss = recon + args.beta * commit
@@ -196,9 +212,10 @@ def main():
                 bar.set_postfix(loss=f"{recon.item():.4f}")
             if step % args.reset_every == 0 and step < 0.8 * args.steps:
                 model.quantizer.reset_dead(common.all_gather(z, ranks),
-                                           common.all_gather(F.max_pool2d(w - 1, 2 ** args.down)[:, 0], ranks))
+                                           common.all_gather(F.max_pool2d(w - 1, 2 ** args.down)[:, 0], ranks),
+                                           common.all_gather(game, ranks))
             if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
-                metrics = dict(recon=recon.item(), **evaluate(model, V, device))
+                metrics = dict(recon=recon.item(), **evaluate(model, V, device, shares))
                 tqdm.write(f"step {step}: recon {recon.item():.5f}  val PSNR {metrics['val_psnr']:.2f} dB  codes used "
                            f"{metrics['codes_used']}/{args.codes}  perplexity {metrics['perplexity']:.1f}  "
                            f"stability {metrics['stability']:.3f}")
@@ -221,7 +238,10 @@ def main():
         for folder in args.data:
             common.token_cache(folder, out, model, args.frame_space, device, list(games), args.skip_bad, read=False)
     print(f"trained {step} steps in {seconds / 60:.1f} min ({(step - first) / seconds:.1f} steps/s): val PSNR "
-          f"{metrics.get('val_psnr', float('nan')):.2f} dB, {metrics.get('codes_used')} codes used; wrote {out}, {png}"
+          f"{metrics.get('val_psnr', float('nan')):.2f} dB"
+          + (" (" + ", ".join(f"{g[4:-3]} {v:.2f}" for g, v in metrics["val_psnr_by_game"].items()) + ")"
+             if len(games) > 1 and "val_psnr_by_game" in metrics else "")
+          + f", {metrics.get('codes_used')} codes used; wrote {out}, {png}"
           + (f" and the token cache for {len(train) + len(val)} episodes" if args.cache else ""))
 
 

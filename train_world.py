@@ -45,6 +45,9 @@ p.add_argument("--dim", type=common.positive_int, default=32, help="channels of 
 p.add_argument("--emb", type=common.positive_int, default=32,
                help="token embedding size per history frame (16 left the paddle 6-10 px off at 10 steps: README)")
 p.add_argument("--blocks", type=common.positive_int, default=3, help="residual FiLM blocks (2 convs each)")
+p.add_argument("--game-actions", action=argparse.BooleanOptionalAction, default=True,
+               help="several games: each game learns its own meaning of ALE's 18 actions "
+                    "(--no-game-actions: one meaning shared by all)")
 p.add_argument("--attend", action=argparse.BooleanOptionalAction, default=False,
                help="conv: each block's global context is attention-pooled, not the mean")
 p.add_argument("--sides", action=argparse.BooleanOptionalAction, default=False,
@@ -331,6 +334,8 @@ def main():
         model_args["sides"] = True
     if joint:
         model_args["games"] = len(games)
+        if args.game_actions:
+            model_args["game_actions"] = True
 
     dyn = common.make_dynamics(**model_args).to(device)
     heads_args = dict(n_codes=tok.n_codes, grid=grid) if args.heads else None

@@ -74,8 +74,27 @@ def test_joint_checkpoints_name_their_games(joint):
         assert games["ALE/Breakout-v5"] == ["NOOP", "FIRE", "RIGHT", "LEFT"]
     ck = common.load_checkpoint(joint["world"])
     assert ck["model_args"]["games"] == 2 and ck["model_args"]["n_actions"] == 18
+    assert ck["model_args"]["game_actions"]  # each game its own meaning of the keys, by default
     assert set(ck["metrics"]) == {"ALE/Pong-v5", "ALE/Breakout-v5"}
     assert (joint["tmp"] / "pong+breakout_breakout_dream.gif").exists()
+
+
+def test_joint_tokenizer_gives_each_game_its_own_codes(joint):
+    """64 codes for each game by default, a slice each: every token of a Pong frame is one of the
+    first 64, of a Breakout frame one of the next 64, the game told by the frame alone."""
+    tok, ck = common.load_tokenizer(joint["vq"])
+    assert ck["model_args"]["n_codes"] == 128 and ck["model_args"]["games"] == 2
+    for i, folder in enumerate(joint["data"]):
+        frames = common.load_episode(common.episode_files(folder)[0], ["frames"])["frames"][:40]
+        tokens = tok.encode(common.preprocess(frames, ck["frame_space"]))
+        assert tokens.min() >= 64 * i and tokens.max() < 64 * (i + 1)
+
+
+def test_joint_tokenizer_codes_that_do_not_split(joint, run_script):
+    r = run_script("train_vqvae.py", "--data", *joint["data"], "--codes", "63", "--out", joint["tmp"] / "v3.pt",
+                   *TINY_VQ)
+    assert r.returncode != 0 and "63 cannot be cut into 2 equal slices" in r.stderr, describe(r)
+    assert "Traceback" not in r.stderr, describe(r)
 
 
 @pytest.mark.parametrize("game,n", [("Pong", 6), ("Breakout", 4), (None, 6)])

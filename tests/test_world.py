@@ -192,6 +192,46 @@ def test_dead_codes_reseeded_where_the_weight_is():
     assert (vq.cluster_size[4:] == 1).all()
 
 
+def test_a_codebook_cut_per_game_draws_a_frame_from_one_slice():
+    """games=2: codes 0-3 are the first game's, 4-7 the second's. A frame's tokens all come from
+    one slice: the given game's, or else the slice nearest to the whole frame, even where one of
+    its cells is nearer to a code of the other slice."""
+    vq = common.VectorQuantizer(8, 2, games=2)
+    vq.embed.copy_(torch.tensor([[0.0, 0], [1, 0], [2, 0], [3, 0], [0, 5], [1, 5], [2, 5], [3, 0.1]]))
+    z = torch.tensor([[0.0, 0], [1, 0], [3, 0.1]]).t().reshape(1, 2, 1, 3)  # the last cell is code 7 exactly
+    idx, _ = vq.codes(z)
+    assert idx.tolist() == [[[0, 1, 3]]]  # slice 0 is nearest to the frame: its cell 3 too
+    idx, _ = vq.codes(z, game=torch.tensor([1]))
+    assert idx.tolist() == [[[7, 7, 7]]]  # within the slice: the nearest of its codes
+    with pytest.raises(common.KitError, match="equal slices"):
+        common.VectorQuantizer(9, 2, games=2)
+
+
+def test_dead_codes_of_a_game_are_reseeded_from_its_own_frames():
+    torch.manual_seed(0)
+    vq = common.VectorQuantizer(8, 4, games=2)
+    vq.cluster_size[:] = torch.tensor([100.0] * 6 + [0.0] * 2)  # codes 6, 7 (the second game's) are dead
+    z = torch.randn(2, 4, 3, 3)  # frame 0 is the first game's, frame 1 the second's
+    assert vq.reset_dead(z, torch.ones(2, 3, 3), game=torch.tensor([0, 1])) == 2
+    second = z[1].flatten(1).t()
+    assert all((second == row).all(1).any() for row in vq.embed[6:])
+    assert torch.equal(vq.cluster_size[:6], torch.full((6,), 100.0))
+
+
+def test_each_game_reads_its_own_action_embeddings():
+    """game_actions: ALE's 18 actions (and "unknown", at each of 2 lags) are 38 rows per game: a
+    step of the second game learns from rows 38-75 only."""
+    torch.manual_seed(0)
+    dyn = common.TokenDynamics(16, 18, (5, 4), context=2, emb=4, dim=8, n_blocks=1, actions=2, games=2,
+                               game_actions=True)
+    assert dyn.act.num_embeddings == 76 and dyn.act_bias.shape[0] == 76
+    hist = torch.randint(16, (3, 2, 5, 4))
+    dyn(hist, torch.tensor([[0, 3], [18, 17], [5, 5]]), game=torch.tensor([1, 1, 1])).sum().backward()
+    touched = dyn.act.weight.grad.abs().sum(1).nonzero()[:, 0]
+    assert touched.min() >= 38 and set(touched.tolist()) == {38 + 0, 38 + 19 + 3, 38 + 18, 38 + 19 + 17,
+                                                             38 + 5, 38 + 19 + 5}
+
+
 @pytest.mark.parametrize("memory,masked", [(0, False), (8, True), (0, True)])
 def test_the_dynamics_input_looked_up_is_the_input_conv(memory, masked):
     """Without gradients the input conv is read from tables; the same logits as the conv, and the
