@@ -46,8 +46,7 @@ p.add_argument("--emb", type=common.positive_int, default=32,
                help="token embedding size per history frame (16 left the paddle 6-10 px off at 10 steps: README)")
 p.add_argument("--blocks", type=common.positive_int, default=3, help="residual FiLM blocks (2 convs each)")
 p.add_argument("--game-actions", action=argparse.BooleanOptionalAction, default=True,
-               help="several games: each game learns its own meaning of ALE's 18 actions "
-                    "(--no-game-actions: one meaning shared by all)")
+               help="several games: each game its own meaning of ALE's 18 actions (--no-game-actions: one for all)")
 p.add_argument("--attend", action=argparse.BooleanOptionalAction, default=False,
                help="conv: each block's global context is attention-pooled, not the mean")
 p.add_argument("--sides", action=argparse.BooleanOptionalAction, default=False,
