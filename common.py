@@ -13,8 +13,9 @@
                         checkpoints, the token and latent caches, windows, pack/take (batches
                         gathered on the device)
   5. tokenizers         VQVAE (discrete, seed 003), ConvAE (continuous, seeds 000 and 004)
-  6. dynamics           TokenDynamics (conv), TokenAttention, Outcome (reward and end heads),
-                        LatentMLP, LatentGRU, LatentActionDynamics, make_dynamics
+  6. dynamics           TokenDynamics (conv), TokenAttention, Outcome (reward and end heads) and
+                        their training (outcome_transitions, outcome_loss), LatentMLP, LatentGRU,
+                        LatentOutcome, LatentActionDynamics, make_dynamics
   7. the world contract load_world -> context, observe, reset, step (+ reward, terminated); the
                         batched core under it; the dream as a gymnasium env: DreamEnv
                         ("AtariDream-v0"), DreamVecEnv
@@ -1620,6 +1621,7 @@ class Outcome(nn.Module):
     row is not, since a point is the same wherever along the edge the ball leaves. On Pong's
     validation points this read 39 of 39 from the true frames, strided convs that keep the row
     35 of 39 (both 242 of 242 in training: they learn the rows they were shown)."""
+    key, stack = "tokens", 1  # what they read of a packed episode (outcome_loss); frames a code covers
 
     def __init__(self, n_codes, grid, frames=3, emb=8, dim=32):
         super().__init__()
@@ -1630,21 +1632,51 @@ class Outcome(nn.Module):
         self.out = nn.Linear(dim * grid[1], len(REWARD_CLASSES) + 1)
 
     def forward(self, tokens):
-        x = self.tok(tokens).permute(0, 1, 4, 2, 3).flatten(1, 2)
+        x = self.tok(tokens.long()).permute(0, 1, 4, 2, 3).flatten(1, 2)
         return self.out(self.net(x).amax(2).flatten(1))
 
 
+def outcome_transitions(episodes, first=1):
+    """The transitions the heads train on, (n, 2) int64 (episode, step), from step `first` on
+    (the first whose codes the heads can read: frames + stack - 3, so 1 for Outcome's three
+    frames of tokens); the rare ones that pay or end, with the two steps either side (the ball
+    is just as gone one step after the point, which pays nothing); and how many pay or end.
+    episodes: dicts with rewards and terminated (N,)."""
+    paid = [((ep["rewards"] != 0) | ep["terminated"]).numpy() for ep in episodes]
+    near = np.concatenate([np.convolve(m, np.ones(5))[2:len(m) + 2] > 0 for m in paid])  # within 2 steps
+    steps = windows([len(ep["rewards"]) for ep in episodes], 1)  # every (episode, step)
+    return steps[steps[:, 1] >= first], steps[(steps[:, 1] >= first) & near], int(sum(map(np.sum, paid)))
+
+
+def outcome_loss(heads, data, transitions, events, g, n, event_share):
+    """The heads' loss on n transitions, a share `event_share` of them drawn from `events`
+    (Pong pays once in ~70 steps): cross-entropy of the reward's sign, and of the end. data:
+    packed tokens (or latents), rewards and terminated (pack()); transitions and events: (m, 2)
+    long on the device, as outcome_transitions gives them; g: a numpy Generator."""
+    k = round(n * event_share) if len(events) else 0
+    pick = lambda rows, m: rows[torch.from_numpy(g.integers(len(rows), size=m)).to(rows.device)]
+    idx = torch.cat([pick(transitions, n - k), pick(events, k)])
+    ep, j = idx[:, 0], idx[:, 1]
+    codes = take(data[heads.key], ep, j + 3 - heads.frames - heads.stack, heads.frames)
+    sign = take(data["rewards"], ep, j, 1)[:, 0].sign().long() + 1
+    end = take(data["terminated"], ep, j, 1)[:, 0].float()
+    logits = heads(codes)
+    return F.cross_entropy(logits[:, :-1], sign) + F.binary_cross_entropy_with_logits(logits[:, -1], end)
+
+
 # -----------------------------------------------------------------------------
-# latent dynamics: the next latent from `context` latents and the action. Both nets read
+# latent dynamics: the next latent from `context` latents and the action (and LatentOutcome,
+# the reward and end heads of a latent world). Every net here reads
 # standardized latents (training-set statistics, kept as buffers so they travel in the
 # state dict) and predict the change of the last latent: consecutive frames differ in a few
 # pixels, so their latents are close. forward(hist, action, h) -> (next latent, h); h is the
 # GRU's hidden state (None for the MLP, and None to start from a fresh history).
 
-class LatentDynamics(nn.Module):
-    def __init__(self, latent_dim, n_actions, context):
+class Standardized(nn.Module):
+    """A net that reads latents standardized by the training set's statistics."""
+
+    def __init__(self, latent_dim):
         super().__init__()
-        self.latent_dim, self.n_actions, self.context = latent_dim, n_actions, context
         self.register_buffer("shift", torch.zeros(latent_dim))
         self.register_buffer("scale", torch.ones(latent_dim))
 
@@ -1655,6 +1687,12 @@ class LatentDynamics(nn.Module):
         std = z.std(0)
         self.shift.copy_(z.mean(0))
         self.scale.copy_(std.clamp_min(0.1 * std.mean().item() + 1e-8))
+
+
+class LatentDynamics(Standardized):
+    def __init__(self, latent_dim, n_actions, context):
+        super().__init__(latent_dim)
+        self.latent_dim, self.n_actions, self.context = latent_dim, n_actions, context
 
     def onehot(self, action):
         return F.one_hot(action, self.n_actions).to(self.shift.dtype)
@@ -1702,6 +1740,22 @@ class LatentGRU(LatentDynamics):
         x = (hist[:, -1] - self.shift) / self.scale
         h = self.cell(torch.cat([x, self.onehot(action)], 1), h)
         return hist[:, -1] + self.out(h) * self.scale, h
+
+
+class LatentOutcome(Standardized):
+    """Outcome for a latent world (train_ae.py): (B, frames, latent_dim) standardized latents,
+    each encoding `stack` frames, -> (B, 4) logits. An MLP over the frames' latents: a latent
+    has no rows to pool over."""
+    key = "latents"
+
+    def __init__(self, latent_dim, stack=1, frames=3, hidden=256):
+        super().__init__(latent_dim)
+        self.stack, self.frames = stack, frames
+        self.net = nn.Sequential(nn.Linear(frames * latent_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden),
+                                 nn.GELU(), nn.Linear(hidden, len(REWARD_CLASSES) + 1))
+
+    def forward(self, latents):
+        return self.net(((latents - self.shift) / self.scale).flatten(1))
 
 
 # -----------------------------------------------------------------------------
@@ -1792,6 +1846,7 @@ class World:
     one-dream contract over the batched core (reset_batch, step_batch) that each kind of world
     implements. Contract frames are uint8 H x W x C (rgb) or H x W (gray) numpy arrays in the
     model's frame space."""
+    temperature = 0.0  # a latent world is deterministic; a token world draws at its own
 
     def __init__(self, tok, dyn, space, game, action_meanings, device, context):
         self.device = torch.device(device)
@@ -1826,6 +1881,18 @@ class World:
                 setattr(self, k, v)
             elif v is not None:
                 getattr(self, k)[torch.as_tensor(rows, device=getattr(self, k).device)] = v
+
+    def _outcome(self, codes):
+        """The reward and the end of the step just drawn, from the heads reading the codes (tokens
+        or latents) of the frames around it: drawn at the temperature, with each dream's own
+        noise, as its tokens are; the most likely at 0."""
+        logits, rows = self.heads(codes).float(), torch.arange(len(codes))
+        if self.temperature == 0:
+            sign, end = logits[:, :-1].argmax(1), logits[:, -1] > 0
+        else:
+            sign = (logits[:, :-1] / self.temperature + self._gumbel((logits.shape[1] - 1,), rows)).argmax(1)
+            end = torch.logit(self._uniform((), rows)) < logits[:, -1] / self.temperature  # u < sigmoid(l / T)
+        self.rewards, self.terminals = torch.tensor(REWARD_CLASSES)[sign.cpu()], end.cpu()
 
     @property
     def reward(self):
@@ -2032,16 +2099,6 @@ class TokenWorld(World):
         self.hist = torch.cat([self.hist[:, 1:], nxt[:, None]], 1)
         return self.draw(nxt) if pixels else nxt
 
-    def _outcome(self, tokens):
-        """The reward and the end of the step just drawn, from the heads: drawn at the
-        temperature, with each dream's own noise, as its tokens are; the most likely at 0."""
-        logits, rows = self.heads(tokens).float(), torch.arange(len(tokens))
-        if self.temperature == 0:
-            sign, end = logits[:, :-1].argmax(1), logits[:, -1] > 0
-        else:
-            sign = (logits[:, :-1] / self.temperature + self._gumbel((logits.shape[1] - 1,), rows)).argmax(1)
-            end = torch.logit(self._uniform((), rows)) < logits[:, -1] / self.temperature  # u < sigmoid(l / T)
-        self.rewards, self.terminals = torch.tensor(REWARD_CLASSES)[sign.cpu()], end.cpu()
 
 
 class LatentActionWorld(TokenWorld):
@@ -2053,11 +2110,11 @@ class LatentActionWorld(TokenWorld):
         super().__init__(tok, dyn, space, game, action_meanings, device, temperature)
         self.n_latent_actions, self.mapped = dyn.n_latent_actions, mapped
 
-    def step_batch(self, actions):
+    def step_batch(self, actions, pixels=True):
         if not self.mapped:
             raise KitError("this latent-action model has no map from real actions yet (--map-steps 0): fire latent "
                            "actions with play.py --latent-actions, or fit a map with train_latent_action.py --map-only")
-        return super().step_batch(actions)
+        return super().step_batch(actions, pixels)
 
     @torch.inference_mode()
     def step_latent_action(self, latent_action):
@@ -2096,6 +2153,8 @@ class LatentWorld(World):
     def step_batch(self, actions, pixels=True):
         """One step of every dream -> (B, C, H, W) uint8 frames, or with pixels=False the latents."""
         nxt, self.h = self.dyn(self.hist, self._actions(actions), self.h)
+        if self.heads is not None:
+            self._outcome(torch.cat([self.hist[:, 1 - self.heads.frames:], nxt[:, None]], 1))
         self.hist = torch.cat([self.hist[:, 1:], nxt[:, None]], 1)
         return self.draw(nxt, last=True) if pixels else nxt
 
@@ -2117,7 +2176,7 @@ def load_world(path, device="cpu", temperature=TEMPERATURE, game=None):
         tok.load_state_dict(ck["tokenizer"])
         dyn = make_dynamics(**ck["model_args"])
         dyn.load_state_dict(ck["model"])
-        heads = Outcome(**ck["heads_args"]) if "heads" in ck else None
+        heads = (LatentOutcome if latent else Outcome)(**ck["heads_args"]) if "heads" in ck else None
         if heads is not None:
             heads.load_state_dict(ck["heads"])
     except (KeyError, TypeError, RuntimeError) as e:
@@ -2251,7 +2310,7 @@ class DreamEnv(gym.Env):
         else:
             frames = self.starts(self.np_random)
         self.world.reset_batch(frames[None], seeds=[int(self.np_random.integers(2 ** 62))])
-        self.obs, self.t = self.world._frame(frames[-1]), 0
+        self.obs, self.t = self.world._frame(frames[-1]).copy(), 0  # not a view of the start pool: users keep it
         return self.obs, {}
 
     def step(self, action):

@@ -20,6 +20,7 @@ Examples:
   python train_ae.py --resume --steps 1500                 # continue the autoencoder, then its dynamics
   torchrun --nproc_per_node 2 train_ae.py                  # 2 processes, same global batches
 """
+import argparse
 import os
 import sys
 import time
@@ -72,6 +73,12 @@ p.add_argument("--dynamics-lr", type=common.positive_float, default=1e-3,
 p.add_argument("--dynamics-eval-every", type=common.positive_int, default=1000,
                help="dynamics: evaluate and checkpoint every N steps")
 p.add_argument("--context", type=common.positive_int, default=4, help="dynamics: frames of history (at least --stack)")
+p.add_argument("--heads", action=argparse.BooleanOptionalAction, default=True,
+               help="dynamics: also learn each transition's reward (its sign) and whether it ends the episode, "
+                    "from the latents around it: world.reward, world.terminated, DreamEnv")
+p.add_argument("--event-share", type=common.probability, default=0.5,
+               help="share of the heads' batch drawn from the transitions within 2 steps of a reward or an end "
+                    "(Pong pays a point every ~70 steps: uniform batches would hardly ever show one)")
 p.add_argument("--rollout", type=common.positive_int, default=3,
                help="dynamics: K, steps unrolled on its own predictions")
 p.add_argument("--teacher-forcing", type=common.probability, default=0.5,
@@ -253,11 +260,13 @@ def latent_loss(dyn, decode, hist, act, tgt, tf, disc, pixel):
 
 
 @torch.no_grad()
-def evaluate_dynamics(wm, val, fixed, T, S):
+def evaluate_dynamics(wm, val, fixed, T, S, outcomes=True):
     """Standardized latent MSE at 1, 5 and 10 steps (and at 1 step that of copying the last
     latent); action_px: pixels of the decoded 1-step prediction that move by more than 25 of
     255 when only the action changes, averaged over action pairs (0: the action is ignored);
-    then common.open_loop through the world: decoded PSNR next to copy-last-frame, Pong objects."""
+    then common.open_loop through the world: decoded PSNR next to copy-last-frame, Pong objects;
+    with `outcomes`, the heads' reward and end events (common.outcome_scores: every validation
+    step from real frames, each encoded anew: longer than 1000 steps here, so at the end only)."""
     dyn, H = wm.dyn.eval(), max(common.HORIZONS)
     hist, act, tgt = latent_batch(val, fixed, T, H, S, wm.device)
     err = lambda z, k: (((z - tgt[:, k]) / dyn.scale) ** 2).mean().item()
@@ -276,6 +285,10 @@ def evaluate_dynamics(wm, val, fixed, T, S):
     frames = torch.stack([val[i]["frames"][s:s + T + S - 1 + H] for i, s in fixed])
     actions = torch.stack([val[i]["actions"][s + T + S - 2:s + T + S - 2 + H] for i, s in fixed])
     m.update(common.open_loop(wm, frames, actions))
+    if wm.heads is not None and outcomes:
+        wm.heads.eval()
+        m.update(common.outcome_scores(wm, val))
+        wm.heads.train()
     dyn.train()
     return m
 
@@ -302,13 +315,23 @@ def train_dynamics(args, ae_path, out, name, device, rank, ranks):
     model_args = dict(arch=args.dynamics, latent_dim=ae.latent_dim, n_actions=len(meanings), context=T,
                       hidden=args.dynamics_dim)
     dyn = common.make_dynamics(**model_args).to(device)
+    heads_args = dict(latent_dim=ae.latent_dim, stack=S, frames=min(3, T + 1)) if args.heads else None
+    with torch.random.fork_rng(devices=[]):  # the heads draw from their own streams: the dynamics train
+        torch.manual_seed(args.seed + 1)  # exactly as they would without them
+        heads = common.LatentOutcome(**heads_args).to(device) if args.heads else None
     ae = ae.to(device).requires_grad_(False)  # frozen: a pixel loss trains the dynamics only
-    dyn.standardize_with(torch.cat([ep["latents"] for ep in train]).to(device))
-    opt = torch.optim.AdamW(dyn.parameters(), lr=args.dynamics_lr, weight_decay=0.01)
+    for net in (dyn, heads) if heads else (dyn,):
+        net.standardize_with(torch.cat([ep["latents"] for ep in train]).to(device))
+    opt = torch.optim.AdamW(list(dyn.parameters()) + list(heads.parameters() if heads else []),
+                            lr=args.dynamics_lr, weight_decay=0.01)
     step, metrics = 0, {}
     if args.resume and os.path.exists(out):
-        _, step, metrics = common.resume(out, "world", dyn, opt, model_args=model_args, tokenizer_key=ae_key)
+        ck, step, metrics = common.resume(out, "world", dyn, opt, model_args=model_args, tokenizer_key=ae_key,
+                                          heads_args=heads_args)
+        if heads:
+            heads.load_state_dict(ck["heads"])
     wm = common.LatentWorld(ae, dyn, space, ack["game"], meanings, device)
+    wm.heads = heads
     decode = lambda z: ae.decode(z, last=True)
     print(f"model: {args.dynamics}, {sum(p.numel() for p in dyn.parameters()) / 1e6:.2f}M parameters on {device}")
 
@@ -322,9 +345,15 @@ def train_dynamics(args, ae_path, out, name, device, rank, ranks):
             kind="world", model_args=model_args, model=dyn.state_dict(), optimizer=opt.state_dict(),
             tokenizer_kind="ae", tokenizer_args=ack["model_args"], tokenizer=ae.state_dict(), tokenizer_path=ae_path,
             tokenizer_key=ae_key, frame_space=space, game=ack["game"], action_meanings=meanings,
-            step=step, args=vars(args), metrics=metrics))
+            step=step, args=vars(args), metrics=metrics,
+            **({"heads_args": heads_args, "heads": heads.state_dict()} if heads else {})))
 
     g = np.random.default_rng(args.seed + rank)  # each rank its own draws
+    g_heads = np.random.default_rng((args.seed % 2 ** 32, rank, 1))  # and the heads theirs: g draws as without them
+    if heads:  # the heads' transitions, and the rare ones that pay or end; episodes on the device once
+        transitions, events, _ = (torch.as_tensor(rows, device=device) for rows in
+                                  common.outcome_transitions(train, heads.frames + S - 3))
+        coded = {k: common.pack([ep[k] for ep in train], device) for k in ("latents", "rewards", "terminated")}
     rank_batch = common.per_rank(args.dynamics_batch, ranks, "--dynamics-batch")
     disc = torch.tensor([args.discount ** k for k in range(K)])
     disc = disc / disc.sum()  # normalized discounted loss (seed 003)
@@ -340,10 +369,13 @@ def train_dynamics(args, ae_path, out, name, device, rank, ranks):
             idx = [pool[i] for i in g.integers(len(pool), size=rank_batch)]
             hist, act, tgt = latent_batch(train, idx, T, K, S, device)
             loss = latent_loss(dyn, decode, hist, act, tgt, tf, disc, args.pixel_loss)
+            if heads:
+                loss = loss + common.outcome_loss(heads, coded, transitions, events, g_heads, 2 * rank_batch,
+                                                   args.event_share)
             read = watch(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            common.average_gradients(dyn.parameters(), ranks)
+            common.average_gradients(opt.param_groups[0]["params"], ranks)
             torch.nn.utils.clip_grad_norm_(dyn.parameters(), 1.0)
             opt.step()
             step += 1
@@ -352,7 +384,7 @@ def train_dynamics(args, ae_path, out, name, device, rank, ranks):
                 watch.check(out)
                 bar.set_postfix(loss=f"{loss.item():.4f}", tf=f"{tf:.2f}")
             if rank == 0 and (step % args.dynamics_eval_every == 0 or step == args.dynamics_steps):
-                metrics = evaluate_dynamics(wm, val, fixed, T, S)
+                metrics = evaluate_dynamics(wm, val, fixed, T, S, outcomes=step == args.dynamics_steps)
                 tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
                 save()
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ Examples:
   python train_latent_action.py --data data/breakout --map-only --map-data data/breakout_human
   python play.py --world checkpoints/breakout/lam.pt --latent-actions
 """
+import argparse
 import os
 import sys
 import time
@@ -61,10 +62,14 @@ p.add_argument("--diversity", type=common.nonneg_float, default=0.1,
                     "one latent action")
 p.add_argument("--map-data", default=None, help="labelled episodes for the map (default: --data)")
 p.add_argument("--map-steps", type=common.nonneg_int, default=1500,
-               help="stage two: optimizer steps of the map (0: no map)")
+               help="stage two: optimizer steps of the map, and of the heads (0: no map, no heads)")
 p.add_argument("--map-frames", type=common.nonneg_int, default=4,
                help="frames the map sees besides the action (0: the action alone)")
-p.add_argument("--map-only", action="store_true", help="keep --out's encoder and forward model, fit the map again")
+p.add_argument("--map-only", action="store_true",
+               help="keep --out's encoder and forward model, fit the map (and the heads) again")
+p.add_argument("--heads", action=argparse.BooleanOptionalAction, default=True,
+               help="stage two also fits reward and game-over heads on the labelled episodes (train_world.py's, "
+                    "half of each batch near a reward or an end)")
 p.add_argument("--eval-every", type=common.positive_int, default=300,
                help="stage one: validation and checkpoint every N steps")
 p.add_argument("--eval-windows", type=common.positive_int, default=512, help="validation transitions scored")
@@ -114,9 +119,10 @@ class ActionEncoder(nn.Module):
 # data: token windows (common.windows), gathered on the device as in train_world.py
 
 def pack(eps, device):
-    """Episodes' tokens (and actions, where loaded) on the device once, with their windows of
-    `length` frames as an (n, 2) long tensor (episode, start): batches are gathered there."""
-    data = {k: common.pack([ep[k] for ep in eps], device) for k in ("tokens", "actions") if k in eps[0]}
+    """Episodes' tokens (and actions, rewards and ends, where loaded) on the device once, and their
+    windows of `length` frames, (n, 2) long (episode, start): batches are gathered there."""
+    keys = [k for k in ("tokens", "actions", "rewards", "terminated") if k in eps[0]]
+    data = {k: common.pack([ep[k] for ep in eps], device) for k in keys}
     data["windows"] = lambda length: torch.tensor(common.windows([len(ep["tokens"]) for ep in eps], length),
                                                   dtype=torch.long, device=device).view(-1, 2)
     return data
@@ -189,33 +195,24 @@ def picture(lam, tok, val, T, device, labels, path, tries=256):
     hist = gather(val, pool[torch.from_numpy(g.choice(len(pool), min(tries, len(pool)), replace=False)).to(device)], T)
     nxt = torch.stack([lam.dynamics(hist, torch.full((len(hist),), c, device=device)).argmax(1)
                        for c in range(lam.n_latent_actions)], 1)  # (B, n, h, w)
-    spread = (nxt[:, :, None] != nxt[:, None]).flatten(1).sum(1)
-    b = int(spread.argmax())
+    b = int((nxt[:, :, None] != nxt[:, None]).flatten(1).sum(1).argmax())  # where the latent actions differ most
     start = common.to_uint8(tok.decode(hist[b, -1:])).cpu()
     outs = common.to_uint8(tok.decode(nxt[b])).cpu()
     img = lambda x: common.to_image(x).repeat(3, 0).repeat(3, 1)
     diff = lambda x: np.clip(np.abs(img(x).astype(int) - img(start[0]).astype(int)) * 3, 0, 255).astype(np.uint8)
     cols = [(img(start[0]), np.zeros_like(img(start[0])), "start")]
     cols += [(img(o), diff(o), f"{c}: {labels[c]}") for c, o in enumerate(outs)]
-    try:  # a label over each column where pygame can draw text without a display
-        import pygame
-        pygame.font.init()
-        font = pygame.font.Font(None, 20)
-
-        def caption(text, w):
-            s = font.render(text[:28], True, (255, 255, 255), (0, 0, 0))
-            bar = np.zeros((22, w, 3), np.uint8)
-            a = pygame.surfarray.array3d(s).transpose(1, 0, 2)[:20, :w - 2]
-            bar[2:2 + a.shape[0], 2:2 + a.shape[1]] = a
-            return bar
-    except Exception:
-        caption = lambda text, w: np.zeros((0, w, 3), np.uint8)
     sep = lambda h: np.full((h, 3, 3), 255, np.uint8)
-    grid = [np.concatenate([caption(t, a.shape[1]), a, b_]) for a, b_, t in cols]
-    row = [grid[0]]
-    for c in grid[1:]:
-        row += [sep(c.shape[0]), c]
-    imageio.imwrite(path, np.concatenate(row, 1))
+    grid = [np.concatenate([np.zeros((22, a.shape[1], 3), np.uint8), a, b_]) for a, b_, _ in cols]  # room for a label
+    sheet = np.concatenate([x for c in grid for x in (sep(c.shape[0]), c)][1:], 1)
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    import pygame  # the kit's one drawing library
+    pygame.font.init()
+    font, surf, x = pygame.font.Font(None, 20), pygame.surfarray.make_surface(sheet.swapaxes(0, 1)), 0
+    for a, _, text in cols:
+        surf.blit(font.render(text, True, (255, 255, 255)), (x + 2, 2), pygame.Rect(0, 0, a.shape[1] - 4, 20))
+        x += a.shape[1] + 3
+    imageio.imwrite(path, pygame.surfarray.array3d(surf).swapaxes(0, 1))
 
 
 # -----------------------------------------------------------------------------
@@ -270,16 +267,29 @@ def fit_map(lam, enc, map_train, val, T, steps, g, device):
     return table.tolist(), table_acc, map_step
 
 
+def fit_heads(heads, data, transitions, events, steps, g):
+    """train_world.py's reward and end heads (they read tokens, never latent actions), fitted on
+    the labelled episodes, the only ones whose rewards are read."""
+    hopt = torch.optim.AdamW(heads.parameters(), lr=3e-3, weight_decay=0.01)
+    for _ in tqdm(range(steps), desc="heads", unit="step", leave=False):
+        loss = common.outcome_loss(heads, data, transitions, events, g, 64, 0.5)
+        hopt.zero_grad(set_to_none=True)
+        loss.backward()
+        hopt.step()
+    return heads.eval()
+
+
 def load_data(args, tok_path, tok, tck, prev, device):
     """(train, map_train, val): tokens of --data's training episodes without their actions (stage
-    one), and tokens with actions of --map-data's training and validation episodes."""
+    one), and tokens with actions, rewards and ends of --map-data's training and validation
+    episodes (with --heads, the validation frames too: the heads are scored in the dream)."""
     caches, meanings = {}, list(tck["action_meanings"])  # --map-data is usually --data: one token cache read
 
-    def load(folder, actions):
+    def load(folder, actions, space=None):
         if folder not in caches:
             caches[folder] = common.token_cache(folder, tok_path, tok, tck["frame_space"], device, tck["game"],
                                                 args.skip_bad)
-        return common.coded_episodes(folder, caches[folder], "tokens", None, args.val_frac, args.seed, actions)
+        return common.coded_episodes(folder, caches[folder], "tokens", space, args.val_frac, args.seed, actions)
 
     train, _ = load(args.data, actions=False)
     map_data = args.map_data or args.data
@@ -287,7 +297,7 @@ def load_data(args, tok_path, tok, tck, prev, device):
         have = [str(m) for m in common.load_episode(f, ["action_meanings"])["action_meanings"]]
         if have != meanings or (prev is not None and have != list(prev["action_meanings"])):
             raise common.KitError(f"{map_data} has actions {have}, the model's game has {meanings}")
-    map_train, val = load(map_data, actions=True)
+    map_train, val = load(map_data, actions=True, space=tck["frame_space"] if args.heads else None)
     return train, map_train, val
 
 
@@ -341,7 +351,8 @@ def main():
     grid = tuple(train[0]["tokens"].shape[1:])
     print(f"data: {sum(len(e['tokens']) - 1 for e in train)} transitions of {args.data} (frames only), "
           f"{len(map_train)} labelled episodes for the map, {len(val)} validation episodes; token grid {grid}")
-    train, map_train, val = (pack(eps, device) for eps in (train, map_train, val))  # on the device once
+    outcomes = [torch.from_numpy(rows).to(device) for rows in common.outcome_transitions(map_train)[:2]]
+    val_eps, (train, map_train, val) = val, (pack(eps, device) for eps in (train, map_train, val))  # on the device once
     pool, fixed = train["windows"](T + K), torch.tensor(fixed, dtype=torch.long, device=device)
 
     # -------------------------------------------------------------------------
@@ -349,6 +360,7 @@ def main():
     model_args = dict(arch="lam", n_codes=tok.n_codes, n_actions=len(meanings), n_latent_actions=n, grid=grid,
                       context=T, emb=args.emb, dim=args.dim, n_blocks=args.blocks, map_frames=args.map_frames)
     enc_args = dict(n_codes=tok.n_codes, n_latent_actions=n, context=T, dim=args.enc_dim)
+    heads_args = dict(n_codes=tok.n_codes, grid=grid)
     if prev is not None:
         model_args = dict(prev["model_args"], map_frames=args.map_frames) if args.map_only else prev["model_args"]
         enc_args = prev["encoder_args"]
@@ -357,7 +369,7 @@ def main():
     tok = tok.to(device)
     params = list(lam.dynamics.parameters()) + list(enc.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    step, map_step, metrics, table = 0, 0, {}, []
+    step, map_step, metrics, table, heads = 0, 0, {}, [], None  # heads: fitted in stage two
     if prev is not None:
         lam.dynamics.load_state_dict({k[9:]: v for k, v in prev["model"].items() if k.startswith("dynamics.")})
         enc.load_state_dict(prev["encoder"])
@@ -366,8 +378,7 @@ def main():
             opt.load_state_dict(prev["optimizer"])
             print(f"resumed {out} at step {step}")
     n_dyn, n_enc = sum(p.numel() for p in lam.dynamics.parameters()), sum(p.numel() for p in enc.parameters())
-    print(f"model: {n} latent actions; encoder {n_enc / 1e6:.2f}M, forward model {n_dyn / 1e6:.2f}M parameters "
-          f"on {device}")
+    print(f"model: {n} latent actions; encoder {n_enc / 1e6:.2f}M, forward model {n_dyn / 1e6:.2f}M on {device}")
 
     watch = common.LossWatch()
 
@@ -380,7 +391,7 @@ def main():
             encoder_args=enc_args, encoder=enc.state_dict(), tokenizer_args=tck["model_args"],
             tokenizer=tok.state_dict(), tokenizer_path=tok_path, tokenizer_key=tok_key, frame_space=space,
             game=game, action_meanings=meanings, step=step, map_step=map_step, args=vars(args),
-            metrics=metrics, table=table))
+            metrics=metrics, table=table, **({"heads_args": heads_args, "heads": heads.state_dict()} if heads else {})))
 
     # -------------------------------------------------------------------------
     # stage one: encoder + forward model from frames alone
@@ -427,6 +438,11 @@ def main():
     t1 = time.time()
     table, table_acc, map_step = fit_map(lam, enc, map_train, val, T, args.map_steps, g, device)
     metrics = dict(scores(lam, enc, val, fixed, T, device, mapped=map_step > 0), table_accuracy=table_acc)
+    if args.heads and map_step:  # the world the checkpoint loads as, with heads: reward and end scored in its dream
+        heads = fit_heads(common.Outcome(**heads_args).to(device), map_train, *outcomes, map_step, g)
+        wm = common.LatentActionWorld(tok, lam, space, game, meanings, device)
+        wm.heads = heads
+        metrics.update(common.outcome_scores(wm, val_eps))
     save()
     os.makedirs(args.assets, exist_ok=True)
     png = os.path.join(args.assets, f"{name}_latent_actions.png")

@@ -191,22 +191,6 @@ def token_loss(dyn, hist, act, tgt, age, game, tf, emb, disc, args):
     return loss, surprise
 
 
-def outcome_loss(heads, data, transitions, events, g, batch, args):
-    """The heads' loss on 2 x `batch` transitions (a rank's share of --batch), --event-share of them drawn from
-    `events` (those near a reward or an end): cross-entropy of the reward's sign, and of the end.
-    transitions and events: (n, 2) long on the device, (episode, step)."""
-    n = 2 * batch
-    k = round(n * args.event_share) if len(events) else 0
-    pick = lambda rows, m: rows[torch.from_numpy(g.integers(len(rows), size=m)).to(rows.device)]
-    idx = torch.cat([pick(transitions, n - k), pick(events, k)])
-    ep, j = idx[:, 0], idx[:, 1]
-    tokens = common.take(data["tokens"], ep, j + 2 - heads.frames, heads.frames).long()
-    sign = common.take(data["rewards"], ep, j, 1)[:, 0].sign().long() + 1
-    end = common.take(data["terminated"], ep, j, 1)[:, 0].float()
-    logits = heads(tokens)
-    return F.cross_entropy(logits[:, :-1], sign) + F.binary_cross_entropy_with_logits(logits[:, -1], end)
-
-
 # -----------------------------------------------------------------------------
 # eval on frozen windows
 
@@ -303,14 +287,9 @@ def main():
             raise common.KitError(f"{game[4:-3]}'s validation episodes are shorter than {T + H} frames")
         fixed[game] = vpool[np.sort(rng.choice(len(vpool), min(args.eval_windows, len(vpool)), replace=False))]
     grid = tuple(train[0]["tokens"].shape[1:])
-    # the heads' transitions (episode, step) with the frames they read, and the rare ones that pay or end,
-    # with the two steps either side: the ball is just as gone one step after the point, which pays nothing
-    paid = [((ep["rewards"] != 0) | ep["terminated"]).numpy() for ep in train]
-    near = np.concatenate([np.convolve(m, np.ones(5))[2:len(m) + 2] > 0 for m in paid])  # within 2 steps
-    steps = common.windows([len(ep["actions"]) for ep in train], 1)  # every (episode, step)
-    transitions, events = steps[steps[:, 1] >= 1], steps[(steps[:, 1] >= 1) & near]
+    transitions, events, paid = common.outcome_transitions(train)
     print(f"data: {sum(len(e['actions']) for e in train)} train transitions ({len(train)} episodes, "
-          f"{int(sum(map(np.sum, paid)))} with a reward or an end), {sum(map(len, vals.values()))} val episodes, "
+          f"{paid} with a reward or an end), {sum(map(len, vals.values()))} val episodes, "
           f"{sum(map(len, fixed.values()))} frozen eval windows; token grid {grid}; {', '.join(games)}")
     data = pack(train, device, to_full)  # on the device once: batches are gathered there
     del train  # the packed copy is the only one kept
@@ -401,7 +380,8 @@ def main():
                 hist, age = corrupt(hist, age, args.corrupt)
             loss, surprise[rows] = token_loss(fwd, hist, act, tgt, age, game, tf, emb, disc, args)
             if heads:
-                loss = loss + outcome_loss(heads, data, transitions, events, g_heads, rank_batch, args)
+                loss = loss + common.outcome_loss(heads, data, transitions, events, g_heads, 2 * rank_batch,
+                                                   args.event_share)
             read = watch(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()

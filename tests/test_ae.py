@@ -82,6 +82,56 @@ def test_contract(latent, kind, shape, dyn):
         wm.reset(frames[:2])
 
 
+@pytest.mark.parametrize("kind, frames", [("ae", 3), ("vae", 2)])
+def test_heads_draw_reward_and_end_from_the_latents(latent, kind, frames):
+    """The latent dynamics learn reward and end heads beside them (the VAE's world keeps one latent of
+    history: its heads read it and the next); the world draws both at every step, at their argmax."""
+    ck = common.load_checkpoint(latent[f"world_{kind}"], ("world",))
+    assert ck["heads_args"]["frames"] == frames and {"reward_precision@1", "end_recall@10"} <= set(ck["metrics"])
+    wm = common.load_world(latent[f"world_{kind}"])
+    assert isinstance(wm.heads, common.LatentOutcome) and wm.reward == 0.0 and wm.terminated is False
+    wm.reset(first_frames(wm, wm.context))
+    before = wm.hist[:, 1 - frames:]
+    wm.step(2)
+    with torch.inference_mode():
+        logits = wm.heads(torch.cat([before, wm.hist[:, -1:]], 1))
+    assert wm.reward == common.REWARD_CLASSES[int(logits[0, :3].argmax())] and wm.terminated == bool(logits[0, 3] > 0)
+
+
+def test_latent_heads_learn_a_reward_rule():
+    """A point moves along a line, one latent coordinate its position, another noise; the reward is
+    +1 when it reaches the right end, -1 at the left: the heads read it from three latents."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+
+    def episode(n=120):
+        pos = np.cumsum(rng.choice([-1, 1], n + 1)) % 9  # wraps: it reaches both ends many times
+        z = np.stack([pos / 8.0, rng.normal(size=n + 1), rng.normal(size=n + 1), np.ones(n + 1)], 1)
+        rewards = np.where(pos[1:] == 8, 1.0, np.where(pos[1:] == 0, -1.0, 0.0))
+        return dict(latents=torch.tensor(z, dtype=torch.float32), rewards=torch.tensor(rewards),
+                    terminated=torch.zeros(n, dtype=torch.bool))
+
+    eps = [episode() for _ in range(6)]
+    heads = common.LatentOutcome(4, hidden=64)
+    heads.standardize_with(torch.cat([ep["latents"] for ep in eps]))
+    data = {k: common.pack([ep[k] for ep in eps], "cpu") for k in ("latents", "rewards", "terminated")}
+    transitions, events, paid = (torch.as_tensor(x) if i < 2 else x
+                                 for i, x in enumerate(common.outcome_transitions(eps)))
+    assert paid > 0
+    opt = torch.optim.AdamW(heads.parameters(), lr=3e-3)
+    for _ in range(800):
+        loss = common.outcome_loss(heads, data, transitions, events, rng, 64, 0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    test = episode()
+    j = torch.arange(1, len(test["rewards"]))
+    with torch.no_grad():
+        logits = heads(torch.stack([test["latents"][k - 1:k + 2] for k in j]))
+    got = torch.tensor(common.REWARD_CLASSES, dtype=torch.float64)[logits[:, :3].argmax(1)]
+    assert torch.equal(got, test["rewards"][j]) and (logits[:, 3] < 0).all()
+
+
 @pytest.mark.parametrize("kind", ["ae", "vae"])
 def test_round_trip_rebuilds_identical_model(latent, kind, tmp_path):
     # the world checkpoint carries its autoencoder: it loads with the autoencoder file gone

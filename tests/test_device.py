@@ -54,6 +54,7 @@ def test_token_dynamics_on_meta(kw):
 
 def test_heads_agent_and_latent_dynamics_on_meta():
     backward(common.Outcome(n_codes=CODES, grid=GRID).to(META)(tokens(2, 3)))
+    backward(common.LatentOutcome(8, stack=4, frames=2).to(META)(torch.zeros(2, 2, 8, device=META)))
     backward(common.Agent(n_codes=CODES, grid=GRID, n_actions=ACTIONS).to(META)(tokens(2, 4)))
     for model in (common.LatentMLP(8, ACTIONS, context=4), common.LatentGRU(8, ACTIONS)):
         model = model.to(META)
@@ -81,7 +82,8 @@ def test_training_losses_on_meta():
     heads = common.Outcome(n_codes=CODES, grid=GRID).to(META)
     import numpy as np
     rows = torch.tensor([[0, 1], [1, 2], [1, 5]], device=META)
-    loss = loss + train_world.outcome_loss(heads, data, rows, rows[:1], np.random.default_rng(0), args.batch, args)
+    loss = loss + common.outcome_loss(heads, data, rows, rows[:1], np.random.default_rng(0), 2 * args.batch,
+                                   args.event_share)
     backward(loss)
 
     largs = train_latent_action.p.parse_args([])

@@ -68,7 +68,8 @@ def test_heads_learn_a_reward_rule():
     events = torch.tensor([(i, j) for i, j in transitions if eps[i]["rewards"][j]])
     args, data = train_world.p.parse_args(["--batch", "16"]), train_world.pack(eps, "cpu")
     for _ in range(300):
-        loss = train_world.outcome_loss(heads, data, torch.tensor(transitions), events, rng, args.batch, args)
+        loss = common.outcome_loss(heads, data, torch.tensor(transitions), events, rng, 2 * args.batch,
+                                   args.event_share)
         opt.zero_grad()
         loss.backward()
         opt.step()

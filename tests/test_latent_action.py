@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from gymnasium.utils.env_checker import check_env
 
 import common
 from conftest import describe, first_frames, run_script
@@ -49,6 +50,26 @@ def test_world_contract(lam):
         wm.step_latent_action(6)
     with pytest.raises(common.KitError):
         wm.step(6)
+
+
+def test_heads_and_the_dream_as_an_environment(lam):
+    """Stage two fits reward and end heads on the labelled episodes: scored in the world's dream,
+    saved, loaded, drawn at every step, and the world is a gymnasium env, tokens too."""
+    ck = common.load_checkpoint(lam["out"], ("world",))
+    assert "heads" in ck and {"reward_precision@1", "reward_recall@10", "end_recall@1"} <= set(ck["metrics"])
+    assert "reward_precision@1" in lam["stdout"]
+    wm = common.load_world(lam["out"], temperature=0)
+    assert wm.heads is not None
+    wm.reset(first_frames(wm))
+    wm.step(0)
+    with torch.inference_mode():  # the argmax of the heads on the tokens the step drew
+        logits = wm.heads(wm.hist[:, -3:])
+    assert wm.reward == common.REWARD_CLASSES[int(logits[0, :3].argmax())]
+    check_env(common.DreamEnv(wm, start="data", data=str(lam["data"]), max_episode_steps=10))
+    vec = common.DreamVecEnv(str(lam["out"]), num_envs=2, start="data", data=str(lam["data"]), obs="tokens")
+    obs, _ = vec.reset(seed=0)
+    obs, reward, terminated, truncated, _ = vec.step(np.zeros(2, dtype=np.int64))
+    assert obs.shape == (2, *wm.hist.shape[-2:]) and reward.shape == (2,)
 
 
 def test_map_is_the_only_user_of_actions(lam):
@@ -96,6 +117,7 @@ def test_without_map_steps_only_latent_actions_play(lam, tmp_path):
     r = run_script("train_latent_action.py", "--data", lam["data"], "--tokenizer", lam["vq"], "--out", out,
                    "--assets", tmp_path, *LAM[:-4], "--map-steps", "0", "--eval-windows", "8")
     assert r.returncode == 0, describe(r)
+    assert "heads" not in common.load_checkpoint(out, ("world",))  # fitted in stage two, with the map
     wm = common.load_world(out)
     wm.reset(first_frames(wm))
     assert wm.step_latent_action(1).shape == (84, 64, 3)
@@ -105,7 +127,8 @@ def test_without_map_steps_only_latent_actions_play(lam, tmp_path):
     r = run_script("train_latent_action.py", "--data", lam["data"], "--out", out, "--assets", tmp_path,
                    "--map-only", "--map-steps", "10", "--eval-windows", "8")
     assert r.returncode == 0, describe(r)
-    assert common.load_checkpoint(out, ("world",))["map_step"] == 10
+    ck = common.load_checkpoint(out, ("world",))
+    assert ck["map_step"] == 10 and "heads" in ck
     wm = common.load_world(out)
     wm.reset(first_frames(wm))
     assert wm.step(0).shape == (84, 64, 3)
