@@ -187,7 +187,9 @@ def train_autoencoder(args, out, name, device, rank, ranks):
         while step < args.steps:
             x = next(stream)[mine].flatten(1, 2).to(device)  # S frames as channels, oldest first
             w = 1 + args.fg_weight * ((x.float() - bg).abs() > 12).float()
-            lr = args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / args.steps))
+            # a 200-step warmup, not 50: after 50, some orders of the batches sat ~500 steps at the mean
+            # frame (ball 0%); after 200, all 4 orders tried left it by step 300
+            lr = args.lr * min(1.0, (step + 1) / min(200, args.steps // 4 + 1)) * (0.1 + 0.9 * (1 - step / args.steps))
             for group in opt.param_groups:
                 group["lr"] = lr
             rec, _, kl = fwd(x)
