@@ -322,8 +322,10 @@ def train_dynamics(args, ae_path, out, name, device, rank, ranks):
         torch.manual_seed(args.seed + 1)  # exactly as they would without them
         heads = common.LatentOutcome(**heads_args).to(device) if args.heads else None
     ae = ae.to(device).requires_grad_(False)  # frozen: a pixel loss trains the dynamics only
-    for net in (dyn, heads) if heads else (dyn,):
-        net.standardize_with(torch.cat([ep["latents"] for ep in train]).to(device))
+    z = torch.cat([ep["latents"] for ep in train]).to(device)
+    for net in (dyn, heads) if heads else (dyn,):  # the same statistics for both
+        net.standardize_with(z)
+    del z
     opt = torch.optim.AdamW(list(dyn.parameters()) + list(heads.parameters() if heads else []),
                             lr=args.dynamics_lr, weight_decay=0.01)
     step, metrics = 0, {}
