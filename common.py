@@ -2509,6 +2509,11 @@ def breakout_objects(frame, space):
     w0, w1 = int(BREAKOUT_FIELD[2] / sx), int(np.ceil(BREAKOUT_FIELD[3] / sx))  # the wall pixels too
     field = g[r0:r1, w0:w1]
     fg[r0:r1, w0:w1] = np.clip(field - field.min(0) - 10, 0, None)
+    if space.endswith("max"):  # max pooling blends the red ball and a gray wall channel by channel, one
+        # luminance step from the wall: its red stands out (R - G: the ball 128, the blend 58, gray 0)
+        f = np.asarray(frame, np.float32)[r0:r1, w0:w1]
+        red = np.clip(f[..., 0] - f[..., 1], 0, None)  # gray and the teal corners: none
+        fg[r0:r1, w0:w1] = np.maximum(fg[r0:r1, w0:w1], np.clip(red - red.min(0) - 10, 0, None))
     fg[int(BREAKOUT_BRICKS[0] / sy):int(np.ceil(BREAKOUT_BRICKS[1] / sy))] = 0
     balls = [(r * sy, c * sx, n * sy * sx) for r, c, n, peak in blobs(fg > 10, fg) if peak > 25]
     return {"paddle": paddle, "balls": balls, "bricks": bricks}

@@ -247,10 +247,7 @@ def test_ball_detectors_see_every_real_ball(game, color, blind):
             env.reset()
     env.close()
     seen = empty = 0
-    # max pooling blends Breakout's red ball with a side wall's gray channel by channel, one
-    # luminance step from the wall: breakout_objects does not see it there (README, frame spaces)
-    spaces = [s for s in common.FRAME_SPACES if not (game == "ALE/Breakout-v5" and s.endswith("max"))]
-    for space in spaces:
+    for space in common.FRAME_SPACES:
         for raw, frame in zip(raws, common.preprocess(np.stack(raws), space)):
             ball = np.all(raw == color, axis=-1)
             for a, b in blind:
