@@ -2100,7 +2100,6 @@ class TokenWorld(World):
         return self.draw(nxt) if pixels else nxt
 
 
-
 class LatentActionWorld(TokenWorld):
     """A world from train_latent_action.py: step(action) goes through the map from real actions
     to latent actions; step_latent_action(i) fires latent action i directly (play.py
