@@ -30,10 +30,10 @@ real frames, from a fresh reset and from mid-rally, over --seeds seeds; nothing 
 the dream after its start. It prints how often a ball is on screen, serves, balls vanishing
 in mid-field (and of them, those gone within 2 frames of appearing), frames with two balls or
 a smear, impossible jumps, points (Breakout: bricks), how well the paddle follows the keys,
-and (Pong) the steps from a point to the next serve and how the opponent follows the ball; then, one
-step from the real game's frames wherever its ball is in mid-field, how often the dream's next
-frame keeps a ball (what the vanish rate comes from), and whether the lost draws pile up on a
-few states; and writes assets/<game>_long_dream.gif.
+and (Pong) the steps from a point to the next serve, how the opponent follows the ball and how
+often the score changes; then, one step from the real game's frames wherever its ball is in
+mid-field, how often the dream's next frame keeps a ball (what the vanish rate comes from), and
+whether the lost draws pile up on a few states; and writes assets/<game>_long_dream.gif.
 """
 import argparse
 import os
@@ -278,10 +278,13 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
     broken; frames with two balls or a blob bigger than `smear`; and how the paddle follows
     the keys: the correlation of the key's direction at step t with the paddle's move one step
     later (the emulator answers a key a step late); Pong: how the opponent chases the ball, the
-    correlation of the side the ball is on with the opponent's next move, and the median steps
-    from a point to the next serve (the serve's timer)."""
+    correlation of the side the ball is on with the opponent's next move, the median steps
+    from a point to the next serve (the serve's timer), and how often the score's digits change
+    (the real game: once a point; a dream that draws them over several steps restarts the
+    memory's clock of the serve each time)."""
     pong, n = game == "ALE/Pong-v5", len(actions)
-    m = dict(ball=0.0, paddle=0.0, serves=0, vanish=0, young=0, multi=0, jumps=0, player=0, opponent=0, bricks=0.0)
+    m = dict(ball=0.0, paddle=0.0, serves=0, vanish=0, young=0, multi=0, jumps=0, player=0, opponent=0, bricks=0.0,
+             scored=0)
     gap, shown, point, waits = 0, 0, None, []
     for t, (prev, s) in enumerate(zip(scenes, scenes[1:])):
         m["ball"] += bool(s["balls"]) / n
@@ -307,6 +310,8 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
                 m["opponent"] += 1
         if not pong:
             m["bricks"] += max(0.0, prev["bricks"] - s["bricks"])
+        elif "score" in s:
+            m["scored"] += score_changed(prev, s)
     axis = -1 if pong else 1  # Pong's paddle moves up (smaller rows) on its "up" key
     pad = [s["paddle"] for s in scenes]
     pairs = [(KEYS[game].get(a, 0), axis * (pad[t + 2] - pad[t + 1])) for t, a in enumerate(actions[:-1])
@@ -318,10 +323,16 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
                                   for t, s in enumerate(scenes[:-1])
                                   if s["balls"] and opp[t] is not None and opp[t + 1] is not None])
     m["wait"] = float(np.median(waits)) if waits else float("nan")  # Pong serves 16 steps after a point
-    for key in ("serves", "vanish", "young", "jumps", "player", "opponent", "bricks"):
+    for key in ("serves", "vanish", "young", "jumps", "player", "opponent", "bricks", "scored"):
         m[key] *= 1000 / max(n, 1)
     m["multi"] /= max(n, 1)
     return m
+
+
+def score_changed(prev, s):
+    """Whether Pong's digits changed between two scenes: the real game redraws them once a point,
+    in one step, or in two where a frame (the max of two emulator frames) shows both digits."""
+    return int((np.abs(s["score"] - prev["score"]) > 40).sum() > 2)
 
 
 def correlation(pairs):
@@ -417,7 +428,8 @@ def bench_dream(args):
         rows += [("steps from a point to the next serve (median)", "wait", "{:.1f}"),
                  ("the opponent follows the ball (correlation)", "chase", "{:.2f}"),
                  ("points per 1000 steps: player", "player", "{:.1f}"),
-                 ("points per 1000 steps: opponent", "opponent", "{:.1f}")]
+                 ("points per 1000 steps: opponent", "opponent", "{:.1f}"),
+                 ("the score changes per 1000 steps", "scored", "{:.1f}")]
     else:
         rows += [("balls lost per 1000 steps", "opponent", "{:.1f}"),
                  ("brick pixels broken per 1000 steps", "bricks", "{:.0f}")]

@@ -2465,18 +2465,19 @@ def _gray(frame, space):
 PONG_FIELD = (34, 194)      # raw rows of the play field (between the white walls)
 PONG_PLAYER = (140, 144)    # raw columns of the player's (right, green) paddle
 PONG_OPPONENT = (16, 20)    # raw columns of the opponent's paddle
+PONG_SCORE = 21             # raw rows of the score's digits, above the top wall
 
 
 def pong_objects(frame, space):
     """A Pong frame in `space` -> {"paddle": the player's paddle row or None, "opponent": the
-    opponent's, "balls": [(row, col, area)]} in raw 210x160 pixels (area in raw pixels),
-    brightest ball first. Balls are blobs of the field outside the paddles' columns that stand
-    out of the background by 40."""
+    opponent's, "balls": [(row, col, area)], "score": the luminance of the rows of the score's
+    digits} in raw 210x160 pixels (area in raw pixels), brightest ball first. Balls are blobs of
+    the field outside the paddles' columns that stand out of the background by 40."""
     g, sy, sx = _gray(frame, space)
     r0, r1 = int(np.ceil(PONG_FIELD[0] / sy)), int(PONG_FIELD[1] / sy)
     fg = np.abs(g[r0:r1] - 87.0)  # Pong's background is luminance 87; paddles ~147, ball 236
     fg[fg < 25] = 0
-    out = {}
+    out = {"score": g[:int(PONG_SCORE / sy)].copy()}
     for key, band in (("paddle", PONG_PLAYER), ("opponent", PONG_OPPONENT)):
         cols = slice(int(band[0] / sx), int(np.ceil(band[1] / sx)))
         pad = fg[:, cols].sum(1)

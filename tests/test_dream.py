@@ -265,6 +265,30 @@ def test_ball_detectors_see_every_real_ball(game, color, blind):
     assert seen >= 150 and empty >= 30, (seen, empty)
 
 
+def test_the_score_changes_at_every_point_and_nowhere_else_in_every_frame_space():
+    """The score's rows of pong_objects change at each point, in its step or the next (a frame is
+    the max of two emulator frames), and never otherwise, in every frame space: what the dream's
+    "score changes per 1000 steps" is held against."""
+    env, rng = common.make_env("ALE/Pong-v5", seed=0), np.random.default_rng(0)
+    env.reset(seed=0)
+    raws, rewards = [], []
+    for _ in range(400):
+        obs, reward, *_ = env.step(int(rng.integers(env.action_space.n)))
+        raws.append(obs)
+        rewards.append(reward)
+    env.close()
+    points = np.nonzero(rewards[:-1])[0]  # the digits change in the frame of the point or the next
+    assert len(points) >= 4
+    for space in common.FRAME_SPACES:
+        frames = common.preprocess(np.stack(raws), space)
+        scenes = [bench.scene("ALE/Pong-v5", common.to_image(f), space) for f in frames]
+        changes = [t for t in range(1, len(scenes)) if bench.score_changed(scenes[t - 1], scenes[t])]
+        assert all(any(0 <= t - p <= 1 for p in points) for t in changes), (space, changes, points)
+        assert all(p in changes or p + 1 in changes for p in points), (space, changes, points)
+        m = bench.closed_loop_stats(scenes, [0] * (len(scenes) - 1), "ALE/Pong-v5", jump=500.0, smear=1e9)
+        assert m["scored"] == pytest.approx(len(changes) * 1000 / (len(scenes) - 1))
+
+
 def test_closed_loop_stats_count_the_paddle_and_a_ball_gone_in_mid_field():
     ball, gone = [(100.0, 80.0, 4.0)], []  # raw (row, col, area): mid-field
     scenes = [dict(paddle=p, opponent=None, balls=b) for p, b in ((100.0, ball), (100.0, ball), (None, gone),
