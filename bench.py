@@ -280,8 +280,7 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
     later (the emulator answers a key a step late); Pong: how the opponent chases the ball, the
     correlation of the side the ball is on with the opponent's next move, the median steps
     from a point to the next serve (the serve's timer), and how often the score's digits change
-    (the real game: once a point; a dream that draws them over several steps restarts the
-    memory's clock of the serve each time)."""
+    (the real game: once a point; a dream may draw them over several steps, or flicker)."""
     pong, n = game == "ALE/Pong-v5", len(actions)
     m = dict(ball=0.0, paddle=0.0, serves=0, vanish=0, young=0, multi=0, jumps=0, player=0, opponent=0, bricks=0.0,
              scored=0)
