@@ -273,18 +273,19 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
     """Per run: the share of frames with a ball, and with the player's paddle; per 1000 steps:
     serves (a ball after 4 or more frames without one), balls vanishing in mid-field (a real
     ball leaves by an edge or hides at a paddle or in the bricks; and of those, the balls gone
-    within 2 frames of appearing: drawn from nothing, a serve out of time), jumps farther than `jump`
-    raw pixels, points each way (Pong) or balls lost at the bottom (Breakout), brick pixels
-    broken; frames with two balls or a blob bigger than `smear`; and how the paddle follows
-    the keys: the correlation of the key's direction at step t with the paddle's move one step
-    later (the emulator answers a key a step late); Pong: how the opponent chases the ball, the
-    correlation of the side the ball is on with the opponent's next move, the median steps
-    from a point to the next serve (the serve's timer), and how often the score's digits change
-    (the real game: once a point; a dream may draw them over several steps, or flicker)."""
+    within 2 frames of appearing: drawn from nothing, a serve out of time), jumps farther than
+    `jump` raw pixels, points each way (Pong) or balls lost at the bottom (Breakout: a ball that
+    leaves there and stays gone 4 frames; one back sooner was hidden at a paddle), brick pixels
+    broken; frames with two balls or a blob bigger than `smear`; and how the paddle follows the
+    keys: the correlation of the key's direction at step t with the paddle's move one step later
+    (the emulator answers a key a step late); Pong: how the opponent chases the ball, the
+    correlation of the side the ball is on with the opponent's next move, the median steps from
+    a point to the next serve (the serve's timer), and how often the score's digits change (the
+    real game: once a point; a dream may draw them over several steps, or flicker)."""
     pong, n = game == "ALE/Pong-v5", len(actions)
     m = dict(ball=0.0, paddle=0.0, serves=0, vanish=0, young=0, multi=0, jumps=0, player=0, opponent=0, bricks=0.0,
              scored=0)
-    gap, shown, point, waits = 0, 0, None, []
+    gap, shown, point, waits, pending = 0, 0, None, [], None
     for t, (prev, s) in enumerate(zip(scenes, scenes[1:])):
         m["ball"] += bool(s["balls"]) / n
         m["paddle"] += (s["paddle"] is not None) / n  # a paddle that moves can fade out of a dream
@@ -293,6 +294,11 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
             waits += [] if point is None else [t - point]
             point = None
         gap = 0 if s["balls"] else gap + 1
+        if gap == 0:  # back within 3 frames: it was hidden at a paddle, not lost
+            pending = None
+        elif gap == 4 and pending:  # gone for good: a point (Pong) or a ball lost (Breakout)
+            m[pending[0]] += 1
+            point, pending = pending[1], None
         shown = shown + 1 if prev["balls"] else 0  # frames the ball of prev has been on screen
         m["multi"] += len(s["balls"]) > 1 or any(b[2] > smear for b in s["balls"])
         if len(prev["balls"]) == len(s["balls"]) == 1:
@@ -303,10 +309,9 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
                 m["vanish"] += 1
                 m["young"] += shown <= 2  # a ball drawn from nothing that does not go on
             elif pong and (col < 34 or col > 126):
-                m["player" if col < 34 else "opponent"] += 1
-                point = t
+                pending = ("player" if col < 34 else "opponent", t)
             elif not pong and row >= 177:  # the bottom
-                m["opponent"] += 1
+                pending = ("opponent", t)
         if not pong:
             m["bricks"] += max(0.0, prev["bricks"] - s["bricks"])
         elif "score" in s:

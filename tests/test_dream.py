@@ -306,6 +306,18 @@ def test_closed_loop_stats_time_the_serve_after_a_point():
     assert m["player"] > 0 and m["serves"] > 0 and m["wait"] == 15 and m["young"] == 0
 
 
+def test_a_ball_hidden_a_frame_at_the_paddle_is_no_point():
+    """The detector cannot see a ball inside a paddle's columns: gone for a frame there and back
+    is a bounce; gone for 4 frames is a point."""
+    scene = lambda *balls: dict(paddle=100.0, opponent=None, balls=list(balls))
+    at, back = (100.0, 130.0, 4.0), (100.0, 120.0, 4.0)  # raw (row, col, area): at the player's paddle
+    bounce = [scene(at), scene(), scene(back)] + [scene(back)] * 5
+    lost = [scene(at)] + [scene()] * 6 + [scene(back)]
+    for scenes, points in ((bounce, 0), (lost, 1)):
+        m = bench.closed_loop_stats(scenes, [0] * (len(scenes) - 1), "ALE/Pong-v5", jump=500.0, smear=50.0)
+        assert m["opponent"] == pytest.approx(points * 1000 / (len(scenes) - 1)) and m["player"] == 0
+
+
 @pytest.mark.parametrize("sign", [1, -1])
 def test_the_opponent_chases_the_ball_when_it_moves_toward_its_row(sign):
     rows = [60.0, 150.0, 90.0, 170.0, 50.0, 120.0]  # the ball's row, raw pixels: it jumps above and below
