@@ -273,7 +273,7 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
     """Per run: the share of frames with a ball, and with the player's paddle; per 1000 steps:
     serves (a ball after 4 or more frames without one), balls vanishing in mid-field (a real
     ball leaves by an edge or hides at a paddle or in the bricks; and of those, the balls gone
-    within 2 frames of appearing: drawn from nothing, a serve out of time), jumps farther than
+    within 2 frames of appearing: drawn from nothing and taken back), jumps farther than
     `jump` raw pixels, points each way (Pong) or balls lost at the bottom (Breakout: a ball that
     leaves there and stays gone 4 frames; one back sooner was hidden at a paddle), brick pixels
     broken; frames with two balls or a blob bigger than `smear`; and how the paddle follows the
