@@ -203,6 +203,7 @@ def bench_world(args):
 # dream: closed loop. The player reads only the frames it is shown; the dream starts from the
 # same real frames as the real game and then sees nothing real.
 
+GONE = 4  # frames without a ball that mean it is gone (a serve follows), not hidden a frame at a paddle
 KEYS = {"ALE/Pong-v5": {2: 1, 4: 1, 3: -1, 5: -1}, "ALE/Breakout-v5": {2: 1, 3: -1}}  # action -> paddle direction
 
 
@@ -289,14 +290,14 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
     for t, (prev, s) in enumerate(zip(scenes, scenes[1:])):
         m["ball"] += bool(s["balls"]) / n
         m["paddle"] += (s["paddle"] is not None) / n  # a paddle that moves can fade out of a dream
-        if s["balls"] and gap >= 4:
+        if s["balls"] and gap >= GONE:
             m["serves"] += 1
             waits += [] if point is None else [t - point]
             point = None
         gap = 0 if s["balls"] else gap + 1
-        if gap == 0:  # back within 3 frames: it was hidden at a paddle, not lost
+        if gap == 0:  # back sooner: it was hidden at a paddle, not lost
             pending = None
-        elif gap == 4 and pending:  # gone for good: a point (Pong) or a ball lost (Breakout)
+        elif gap == GONE and pending:  # gone for good: a point (Pong) or a ball lost (Breakout)
             m[pending[0]] += 1
             point, pending = pending[1], None
         shown = shown + 1 if prev["balls"] else 0  # frames the ball of prev has been on screen
