@@ -229,6 +229,20 @@ def test_bench_dream_runs(tiny, tmp_path):
         assert sum(f.info["duration"] for f in ImageSequence.Iterator(im)) == 25 * 60
 
 
+def random_play(game, steps=400):
+    """The emulator's raw frames and rewards under random keys (seed 0), from a reset."""
+    env, rng = common.make_env(game, seed=0), np.random.default_rng(0)
+    raws, rewards = [], []
+    for _ in range(steps):
+        obs, reward, term, trunc, _ = env.step(int(rng.integers(env.action_space.n)))
+        raws.append(obs)
+        rewards.append(reward)
+        if term or trunc:
+            env.reset()
+    env.close()
+    return raws, rewards
+
+
 @pytest.mark.parametrize("game,color,blind", [
     ("ALE/Pong-v5", (236, 236, 236), [(0, 34), (194, 210)]),
     # Breakout's bricks and paddle are drawn in the ball's colours: the detector does not look there
@@ -238,14 +252,7 @@ def test_ball_detectors_see_every_real_ball(game, color, blind):
     """Every ball the emulator draws in mid-field (a wall next to it included) is seen once, near
     where it is, in every frame space, and none where there is none: a miss would count as the
     real game's ball vanishing in mid-field, the number the dream's is held against."""
-    env, rng = common.make_env(game, seed=0), np.random.default_rng(0)
-    raws = []
-    for _ in range(400):
-        obs, _, term, trunc, _ = env.step(int(rng.integers(env.action_space.n)))
-        raws.append(obs)
-        if term or trunc:
-            env.reset()
-    env.close()
+    raws, _ = random_play(game)
     seen = empty = 0
     for space in common.FRAME_SPACES:
         for raw, frame in zip(raws, common.preprocess(np.stack(raws), space)):
@@ -269,14 +276,7 @@ def test_the_score_changes_at_every_point_and_nowhere_else_in_every_frame_space(
     """The score's rows of pong_objects change at each point, in its step or the next (a frame is
     the max of two emulator frames), and never otherwise, in every frame space: what the dream's
     "score changes per 1000 steps" is held against."""
-    env, rng = common.make_env("ALE/Pong-v5", seed=0), np.random.default_rng(0)
-    env.reset(seed=0)
-    raws, rewards = [], []
-    for _ in range(400):
-        obs, reward, *_ = env.step(int(rng.integers(env.action_space.n)))
-        raws.append(obs)
-        rewards.append(reward)
-    env.close()
+    raws, rewards = random_play("ALE/Pong-v5")
     points = np.nonzero(rewards[:-1])[0]  # the digits change in the frame of the point or the next
     assert len(points) >= 4
     for space in common.FRAME_SPACES:
