@@ -274,7 +274,8 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
     """Per run: the share of frames with a ball, and with the player's paddle; per 1000 steps:
     serves (a ball after 4 or more frames without one), balls vanishing in mid-field (a real
     ball leaves by an edge or hides at a paddle or in the bricks; and of those, the balls gone
-    within 2 frames of appearing: drawn from nothing and taken back), jumps farther than
+    within 2 frames of appearing, drawn from nothing and taken back, and the blinks, balls back
+    within 2 frames: a ball the dream still knows, drawn without it), jumps farther than
     `jump` raw pixels, points each way (Pong) or balls lost at the bottom (Breakout: a ball that
     leaves there and stays gone 4 frames; one back sooner was hidden at a paddle), brick pixels
     broken; frames with two balls or a blob bigger than `smear`; and how the paddle follows the
@@ -284,8 +285,8 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
     a point to the next serve (the serve's timer), and how often the score's digits change (the
     real game: once a point; a dream may draw them over several steps, or flicker)."""
     pong, n = game == "ALE/Pong-v5", len(actions)
-    m = dict(ball=0.0, paddle=0.0, serves=0, vanish=0, young=0, multi=0, jumps=0, player=0, opponent=0, bricks=0.0,
-             scored=0)
+    m = dict(ball=0.0, paddle=0.0, serves=0, vanish=0, young=0, blinks=0, multi=0, jumps=0, player=0, opponent=0,
+             bricks=0.0, scored=0)
     gap, shown, point, waits, pending = 0, 0, None, [], None
     for t, (prev, s) in enumerate(zip(scenes, scenes[1:])):
         m["ball"] += bool(s["balls"]) / n
@@ -309,6 +310,7 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
             if midfield(game, prev["balls"][0]):
                 m["vanish"] += 1
                 m["young"] += shown <= 2  # a ball drawn from nothing that does not go on
+                m["blinks"] += any(later["balls"] for later in scenes[t + 2:t + 4])
             elif pong and (col < 34 or col > 126):
                 pending = ("player" if col < 34 else "opponent", t)
             elif not pong and row >= 177:  # the bottom
@@ -328,7 +330,7 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
                                   for t, s in enumerate(scenes[:-1])
                                   if s["balls"] and opp[t] is not None and opp[t + 1] is not None])
     m["wait"] = float(np.median(waits)) if waits else float("nan")  # Pong serves 16 steps after a point
-    for key in ("serves", "vanish", "young", "jumps", "player", "opponent", "bricks", "scored"):
+    for key in ("serves", "vanish", "young", "blinks", "jumps", "player", "opponent", "bricks", "scored"):
         m[key] *= 1000 / max(n, 1)
     m["multi"] /= max(n, 1)
     return m
@@ -426,6 +428,7 @@ def bench_dream(args):
             ("serves per 1000 steps", "serves", "{:.1f}"),
             ("ball vanishing in mid-field per 1000 steps", "vanish", "{:.1f}"),
             ("of them, within 2 frames of appearing", "young", "{:.1f}"),
+            ("of them, back within 2 frames (a blink)", "blinks", "{:.1f}"),
             ("frames with two balls or a smear", "multi", "{:.1%}"),
             ("impossible jumps per 1000 steps", "jumps", "{:.1f}"),
             ("paddle follows the keys (correlation)", "follow", "{:.2f}")]

@@ -297,6 +297,18 @@ def test_closed_loop_stats_count_the_paddle_and_a_ball_gone_in_mid_field():
     assert m["paddle"] == pytest.approx(0.5) and m["ball"] == pytest.approx(0.25)
     assert m["vanish"] == pytest.approx(1000 / 4) and m["serves"] == 0
     assert m["young"] == pytest.approx(1000 / 4)  # on screen 2 frames: drawn from nothing, gone
+    assert m["blinks"] == 0  # and not back
+
+
+@pytest.mark.parametrize("gap, blinks", [(1, 1), (2, 1), (3, 0)])
+def test_a_ball_back_within_2_frames_is_a_blink(gap, blinks):
+    """A ball gone in mid-field and drawn again 1 or 2 frames later is still a vanishing, and a
+    blink: the dream kept the ball in its memory and drew a frame without it."""
+    scene = lambda *balls: dict(paddle=100.0, opponent=None, balls=list(balls))
+    scenes = [scene((100.0, 80.0 + 4 * t, 4.0)) for t in range(3)] + [scene()] * gap + [scene((100.0, 100.0, 4.0))]
+    m = bench.closed_loop_stats(scenes, [0] * (len(scenes) - 1), "ALE/Pong-v5", jump=500.0, smear=50.0)
+    per = 1000 / (len(scenes) - 1)
+    assert m["vanish"] == pytest.approx(per) and m["blinks"] == pytest.approx(blinks * per) and m["young"] == 0
 
 
 def test_closed_loop_stats_time_the_serve_after_a_point():
