@@ -28,8 +28,9 @@ dream: closed loop. A player that reads only the frames it is shown (never the R
 --steps steps in the real game, and --steps steps inside the dream started from the same
 real frames, from a fresh reset and from mid-rally, over --seeds seeds; nothing real reaches
 the dream after its start. It prints how often a ball is on screen, serves, balls vanishing
-in mid-field (and of them, those gone within 2 frames of appearing), frames with two balls or
-a smear, impossible jumps, points (Breakout: bricks), how well the paddle follows the keys,
+in mid-field (and of them, those gone within 2 frames of appearing and those back within 2
+frames, the blinks), frames with two balls or a smear, impossible jumps, points (Breakout:
+bricks), how well the paddle follows the keys,
 and (Pong) the steps from a point to the next serve, how the opponent follows the ball and how
 often the score changes; then, one step from the real game's frames wherever its ball is in
 mid-field, how often the dream's next frame keeps a ball (what the vanish rate comes from), and

@@ -289,6 +289,12 @@ def test_the_score_changes_at_every_point_and_nowhere_else_in_every_frame_space(
         assert m["scored"] == pytest.approx(len(changes) * 1000 / (len(scenes) - 1))
 
 
+def pong_scene(*balls):
+    """What bench.scene gives for a Pong frame with the player's paddle at raw row 100 and these
+    balls (raw row, col, area)."""
+    return dict(paddle=100.0, opponent=None, balls=list(balls))
+
+
 def test_closed_loop_stats_count_the_paddle_and_a_ball_gone_in_mid_field():
     ball, gone = [(100.0, 80.0, 4.0)], []  # raw (row, col, area): mid-field
     scenes = [dict(paddle=p, opponent=None, balls=b) for p, b in ((100.0, ball), (100.0, ball), (None, gone),
@@ -304,16 +310,16 @@ def test_closed_loop_stats_count_the_paddle_and_a_ball_gone_in_mid_field():
 def test_a_ball_back_within_2_frames_is_a_blink(gap, blinks):
     """A ball gone in mid-field and drawn again 1 or 2 frames later is still a vanishing, and a
     blink: the dream kept the ball in its memory and drew a frame without it."""
-    scene = lambda *balls: dict(paddle=100.0, opponent=None, balls=list(balls))
-    scenes = [scene((100.0, 80.0 + 4 * t, 4.0)) for t in range(3)] + [scene()] * gap + [scene((100.0, 100.0, 4.0))]
+    flight = [pong_scene((100.0, 80.0 + 4 * t, 4.0)) for t in range(3)]
+    scenes = flight + [pong_scene()] * gap + [pong_scene((100.0, 100.0, 4.0))]
     m = bench.closed_loop_stats(scenes, [0] * (len(scenes) - 1), "ALE/Pong-v5", jump=500.0, smear=50.0)
     per = 1000 / (len(scenes) - 1)
     assert m["vanish"] == pytest.approx(per) and m["blinks"] == pytest.approx(blinks * per) and m["young"] == 0
 
 
 def test_closed_loop_stats_time_the_serve_after_a_point():
-    scene = lambda *balls: dict(paddle=100.0, opponent=None, balls=list(balls))
-    scenes = [scene((100.0, 20.0, 4.0))] + [scene()] * 15 + [scene((115.0, 80.0, 4.0))] * 4  # a point, the serve
+    # a point, then the serve 15 frames later
+    scenes = [pong_scene((100.0, 20.0, 4.0))] + [pong_scene()] * 15 + [pong_scene((115.0, 80.0, 4.0))] * 4
     m = bench.closed_loop_stats(scenes, [0] * (len(scenes) - 1), "ALE/Pong-v5", jump=20.0, smear=50.0)
     assert m["player"] > 0 and m["serves"] > 0 and m["wait"] == 15 and m["young"] == 0
 
@@ -321,10 +327,9 @@ def test_closed_loop_stats_time_the_serve_after_a_point():
 def test_a_ball_hidden_a_frame_at_the_paddle_is_no_point():
     """The detector cannot see a ball inside a paddle's columns: gone for a frame there and back
     is a bounce; gone for 4 frames is a point."""
-    scene = lambda *balls: dict(paddle=100.0, opponent=None, balls=list(balls))
     at, back = (100.0, 130.0, 4.0), (100.0, 120.0, 4.0)  # raw (row, col, area): at the player's paddle
-    bounce = [scene(at), scene(), scene(back)] + [scene(back)] * 5
-    lost = [scene(at)] + [scene()] * 6 + [scene(back)]
+    bounce = [pong_scene(at), pong_scene(), pong_scene(back)] + [pong_scene(back)] * 5
+    lost = [pong_scene(at)] + [pong_scene()] * 6 + [pong_scene(back)]
     for scenes, points in ((bounce, 0), (lost, 1)):
         m = bench.closed_loop_stats(scenes, [0] * (len(scenes) - 1), "ALE/Pong-v5", jump=500.0, smear=50.0)
         assert m["opponent"] == pytest.approx(points * 1000 / (len(scenes) - 1)) and m["player"] == 0
