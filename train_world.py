@@ -71,6 +71,10 @@ p.add_argument("--corrupt", type=common.probability, default=0.0,
                help="most share of cells that go wrong in a training window's history and stay wrong (they turn "
                     "into the background): the model learns to repair what its own dream feeds it "
                     "(GameNGen's context noise)")
+p.add_argument("--dash", type=common.probability, default=0.0,
+               help="share of training windows whose newest history frame (and in half as many, the one before) "
+                    "draws the cells its moving objects entered twice, one cell apart, as a dream draws a dashed or "
+                    "doubled ball: the model learns to go on with the one ball the older frames tell")
 p.add_argument("--hard-share", type=common.probability, default=0.0,
                help="share of each batch drawn in proportion to each window's loss when last trained on (the rare "
                     "moments, such as a ball meeting a paddle, come back more often)")
@@ -166,6 +170,28 @@ def corrupt(hist, age, most):
     wrong = hit[:, None] & (torch.arange(T, device=hist.device)[:, None, None] >= since[:, None])
     age = None if age is None else torch.where(hit, T - 1 - since, age)
     return torch.where(wrong, other[:, None], hist), age
+
+
+def dash(hist, age, share):
+    """A dream's odd ball in the history: in a share of the windows the newest frame (in half as
+    many, the frame before) draws the cells its moving objects entered again, one cell beside them
+    (one direction of the 8 per window) where the field is empty: a dashed or doubled ball, as the
+    frames before a blink show (EXPERIMENTS.md). Their ages restart; the targets stay true, so
+    the model learns to go on with the ball the older frames tell of, not to end it."""
+    B, T, h, w = hist.shape
+    other = hist[:, -1].flatten(1).mode(1).values[:, None, None]  # the background, as corrupt()'s
+    hist = hist.clone()
+    moves = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    for t, p in [(t, p) for t, p in ((T - 1, share), (T - 2, share / 2)) if t >= 1]:  # a frame and the one before it
+        hit = torch.rand(B, 1, 1, device=hist.device) < p
+        pick = torch.randint(len(moves), (B, 1, 1), device=hist.device)
+        entered = (hist[:, t] != hist[:, t - 1]) & (hist[:, t] != other)
+        for k, move in enumerate(moves):
+            beside = torch.roll(torch.where(entered, hist[:, t], -1), move, (1, 2))
+            put = hit & (pick == k) & (beside >= 0) & (hist[:, t] == other)
+            hist[:, t] = torch.where(put, beside, hist[:, t])
+            age = None if age is None else torch.where(put, 0, age)
+    return hist, age
 
 
 def token_loss(dyn, hist, act, tgt, age, game, tf, emb, disc, args):
@@ -378,6 +404,8 @@ def main():
             act[:, :args.actions - 1] = torch.where(fresh[:, :, 0], len(meanings), act[:, :args.actions - 1])
             if args.corrupt:
                 hist, age = corrupt(hist, age, args.corrupt)
+            if args.dash:
+                hist, age = dash(hist, age, args.dash)
             loss, surprise[rows] = token_loss(fwd, hist, act, tgt, age, game, tf, emb, disc, args)
             if heads:
                 loss = loss + common.outcome_loss(heads, data, transitions, events, g_heads, 2 * rank_batch,

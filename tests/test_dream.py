@@ -15,7 +15,7 @@ from conftest import describe, first_frames, run_script
 
 VQ = ("--steps", "6", "--eval-every", "6", "--batch", "8")
 WORLD = ("--steps", "4", "--eval-every", "4", "--eval-windows", "4", "--gif-steps", "5", "--batch", "4",
-         "--memory", "8", "--corrupt", "0.2", "--hard-share", "0.5", "--attend", "--sides")
+         "--memory", "8", "--corrupt", "0.2", "--dash", "0.2", "--hard-share", "0.5", "--attend", "--sides")
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +210,26 @@ def test_corrupt_context_erases_at_one_frame_stays_wrong_and_says_when():
     assert torch.equal(got_age, torch.where(wrong[:, -1], T - 1 - since, age))
     assert (since[wrong[:, -1]] == 0).any() and (since[wrong[:, -1]] == T - 1).any()
     assert torch.equal(train_world.corrupt(hist, age, 0.0)[0], hist)
+
+
+def test_dash_draws_what_moved_again_beside_it_where_the_field_is_empty():
+    """train_world.dash (--dash): the cells an object entered in the newest frame (in half as many
+    windows, the frame before) are drawn again one cell beside them, only on the background, with
+    their age restarted; still things and older frames stay as they were."""
+    torch.manual_seed(0)
+    hist = torch.zeros(256, 4, 6, 7, dtype=torch.long)  # token 0 is the background
+    hist[:, :, 0] = 7  # a wall: never entered, never drawn over
+    hist[:, 2, 3, 2], hist[:, 3, 3, 3] = 5, 6  # a ball moving right
+    age = torch.full((256, 6, 7), 9)
+    got, got_age = train_world.dash(hist, age, 1.0)
+    new = got != hist
+    assert not new[:, :2].any() and new[:, 3].flatten(1).sum(1).eq(1).all()
+    assert 0.3 < new[:, 2].flatten(1).any(1).float().mean() < 0.7  # half the windows, the frame before
+    y, x = new[:, 3].nonzero()[:, 1:].T
+    assert set(got[:, 3][new[:, 3]].tolist()) == {6} and ((y - 3).abs() <= 1).all() and ((x - 3).abs() <= 1).all()
+    assert torch.equal(got_age, torch.where(new[:, 2:].any(1), 0, age))
+    assert torch.equal(train_world.dash(hist, age, 0.0)[0], hist)
+    assert torch.equal(train_world.dash(hist[:, -1:], age, 1.0)[0], hist[:, -1:])  # one frame: nothing moved
 
 
 # -----------------------------------------------------------------------------
