@@ -154,6 +154,11 @@ def importance(hist, target, emb, a):
     return w.clamp(max=a.max_ratio * w.median())  # a tensor bound: no sync with the device
 
 
+def field(hist):
+    """Each window's background, (B, 1, 1): the newest frame's most common token."""
+    return hist[:, -1].flatten(1).mode(1).values[:, None, None]
+
+
 def corrupt(hist, age, most):
     """GameNGen's noise on the context (Valevski et al. 2024), in tokens: in each window a share
     q ~ U(0, most) of the cells go wrong at a random frame of the history and stay wrong, turning
@@ -164,7 +169,7 @@ def corrupt(hist, age, most):
     and so to doubt its own serves (README: the serve the model doubts)."""
     B, T, h, w = hist.shape
     q = torch.rand(B, 1, 1, device=hist.device) * most
-    other = hist[:, -1].flatten(1).mode(1).values[:, None, None].expand(B, h, w)
+    other = field(hist).expand(B, h, w)
     hit = (torch.rand(B, h, w, device=hist.device) < q) & (other != hist[:, -1])
     since = torch.randint(T, (B, h, w), device=hist.device)  # the first wrong frame
     wrong = hit[:, None] & (torch.arange(T, device=hist.device)[:, None, None] >= since[:, None])
@@ -179,7 +184,7 @@ def dash(hist, age, share):
     frames before a blink show (EXPERIMENTS.md). Their ages restart; the targets stay true, so
     the model learns to go on with the ball the older frames tell of, not to end it."""
     B, T, h, w = hist.shape
-    other = hist[:, -1].flatten(1).mode(1).values[:, None, None]  # the background, as corrupt()'s
+    other = field(hist)
     hist = hist.clone()
     moves = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
     for t, p in [(t, p) for t, p in ((T - 1, share), (T - 2, share / 2)) if t >= 1]:  # a frame and the one before it
