@@ -191,8 +191,9 @@ def dash(hist, age, share):
         hit = torch.rand(B, 1, 1, device=hist.device) < p
         pick = torch.randint(len(moves), (B, 1, 1), device=hist.device)
         entered = (hist[:, t] != hist[:, t - 1]) & (hist[:, t] != other)
-        for k, move in enumerate(moves):
-            beside = torch.roll(torch.where(entered, hist[:, t], -1), move, (1, 2))
+        drawn = F.pad(torch.where(entered, hist[:, t], -1), (1, 1, 1, 1), value=-1)
+        for k, (dy, dx) in enumerate(moves):
+            beside = drawn[:, 1 - dy:1 - dy + h, 1 - dx:1 - dx + w]  # moved by (dy, dx); nothing wraps round
             put = hit & (pick == k) & (beside >= 0) & (hist[:, t] == other)
             hist[:, t] = torch.where(put, beside, hist[:, t])
             age = None if age is None else torch.where(put, 0, age)

@@ -230,6 +230,10 @@ def test_dash_draws_what_moved_again_beside_it_where_the_field_is_empty():
     assert torch.equal(got_age, torch.where(new[:, 2:].any(1), 0, age))
     assert torch.equal(train_world.dash(hist, age, 0.0)[0], hist)
     assert torch.equal(train_world.dash(hist[:, -1:], age, 1.0)[0], hist[:, -1:])  # one frame: nothing moved
+    edge = torch.zeros(256, 4, 6, 7, dtype=torch.long)
+    edge[:, 2, 3, 5], edge[:, 3, 3, 6] = 5, 6  # a ball entering the last column
+    new = train_world.dash(edge, None, 1.0)[0] != edge
+    assert new[:, 3, :, 5].any() and not new[:, 3, :, 0].any()  # beside it, never round the edge
 
 
 # -----------------------------------------------------------------------------
