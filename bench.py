@@ -348,6 +348,23 @@ def correlation(pairs):
     return float(np.corrcoef(k, v)[0, 1]) if len(k) > 2 and k.std() > 0 and v.std() > 0 else float("nan")
 
 
+def redraws(wm, picks, steps, back, draws=16, chunk=256):
+    """Dreams from real frames: for each pick (the `context` frames up to a state, then the real
+    actions from it), `draws` dreams of `steps` steps with those actions, each with its own seed.
+    -> (picks, draws) bool: back(scene) held in a frame of that dream"""
+    T = wm.context
+    frames = torch.stack([common.frames_tensor(np.stack(f[:T])) for f, _ in picks]).repeat_interleave(draws, 0)
+    actions = torch.tensor([a[:steps] for _, a in picks]).repeat_interleave(draws, 0)
+    seen = []
+    for i, start in zip(range(0, len(frames), chunk), frames.split(chunk)):
+        wm.reset_batch(start, seeds=range(i, i + len(start)))
+        hit = np.zeros(len(start), bool)
+        for k in range(steps):
+            hit |= [back(scene(wm.game, common.to_image(f), wm.space)) for f in wm.step_batch(actions[i:i + chunk, k])]
+        seen += hit.tolist()
+    return np.reshape(seen, (len(picks), draws))
+
+
 def kept_ball(wm, runs, draws=16, most=256, chunk=256):
     """One step from real frames: at up to `most` steps of the real runs (frames, scenes,
     actions) whose ball is in mid-field and still there a step later, a dream started on the
@@ -361,22 +378,41 @@ def kept_ball(wm, runs, draws=16, most=256, chunk=256):
     sampling's (a ball split over candidate cells); piled on a few, it is the model's belief.
     -> (dream, tokenizer, states, stuck states, their share of the lost draws)"""
     T, has_ball = wm.context, lambda f: bool(scene(wm.game, common.to_image(f), wm.space)["balls"])
-    picks = [(frames[i:i + T + 1], a) for frames, scenes, actions in runs for i, a in enumerate(actions)
+    picks = [(frames[i:i + T + 1], actions[i:i + 1]) for frames, scenes, actions in runs for i in range(len(actions))
              if scenes[i]["balls"] and midfield(wm.game, scenes[i]["balls"][0]) and scenes[i + 1]["balls"]]
     if not picks:
         return float("nan"), float("nan"), 0, 0, float("nan")
     picks = [picks[i] for i in np.linspace(0, len(picks) - 1, min(most, len(picks))).astype(int)]
+    kept = redraws(wm, picks, 1, lambda s: bool(s["balls"]), draws, chunk)
     windows = torch.stack([common.frames_tensor(np.stack(f)) for f, _ in picks])  # T frames, then the next
-    frames, actions = windows[:, :T].repeat_interleave(draws, 0), [a for _, a in picks for _ in range(draws)]
-    kept = []
-    for i, start in zip(range(0, len(actions), chunk), frames.split(chunk)):
-        wm.reset_batch(start, seeds=range(i, i + len(start)))
-        kept += [has_ball(f) for f in wm.step_batch(actions[i:i + chunk])]
     drawable = [has_ball(f) for w in windows.split(chunk) for f in wm.reconstruct(w)]
-    lost = 1 - np.reshape(kept, (len(picks), draws)).mean(1)  # per state
+    lost = 1 - kept.mean(1)  # per state
     stuck = lost >= 0.5
     share = lost[stuck].sum() / lost.sum() if lost.sum() else float("nan")
-    return float(np.mean(kept)), float(np.mean(drawable)), len(picks), int(stuck.sum()), float(share)
+    return float(kept.mean()), float(np.mean(drawable)), len(picks), int(stuck.sum()), float(share)
+
+
+# the player's paddle: the axis the ball comes at it along, and the line (raw px) past which the ball is at it
+PADDLE_LINE = {"ALE/Pong-v5": (1, 126), "ALE/Breakout-v5": (0, 177)}
+
+
+def kept_bounce(wm, runs, steps=6, draws=16, most=256, chunk=256):
+    """Bounces off the player's paddle, from real frames: at the real runs' states where the ball
+    has come past PADDLE_LINE toward the paddle for the last time and is back on the field's side
+    within `steps` steps, dreams from the `context` frames up to it, with the real actions, `draws`
+    times; the share of them that send the ball back too. A bounce the dream loses is a point
+    the real game never gives (a rally it ends). -> (share, states)"""
+    axis, line = PADDLE_LINE[wm.game]
+    at = lambda s: s["balls"][0][axis] if s["balls"] else -np.inf  # how far toward the paddle
+    back = lambda s: bool(s["balls"]) and s["balls"][0][axis] < line
+    picks = [(frames[i:i + wm.context], actions[i:i + steps]) for frames, scenes, actions in runs
+             for i in range(1, len(actions) - steps + 1)
+             if line < at(scenes[i]) and at(scenes[i - 1]) < at(scenes[i]) and at(scenes[i + 1]) <= at(scenes[i])
+             and any(map(back, scenes[i + 1:i + steps + 1]))]
+    if not picks:
+        return float("nan"), 0
+    picks = [picks[i] for i in np.linspace(0, len(picks) - 1, min(most, len(picks))).astype(int)]
+    return float(redraws(wm, picks, steps, back, draws, chunk).mean()), len(picks)
 
 
 def drawn_ball(wm, runs, every=5):
@@ -450,6 +486,9 @@ def bench_dream(args):
     print(f"one step from real frames with a ball in mid-field ({n_states} of them, 16 draws each): "
           f"draws that keep the ball {kept:.3f}; the tokenizer's round trip of the true next frame {drawable:.3f}; "
           f"{stuck} of the states lose it in half their draws or more, {share:.0%} of the lost draws")
+    bounced, n_states = kept_bounce(wm, [runs[k] for k in runs if not k[2]])
+    print(f"bounces off the player's paddle from real frames ({n_states} of them, 16 draws each): "
+          f"dreams that send the ball back within 6 steps too {bounced:.3f}")
     name = wm.game[4:-3].lower()
     gif = args.gif or os.path.join("assets", f"{name}_long_dream.gif")
     long_dream_gif(runs["reset", 0, False][0][wm.context:], runs["reset", 0, True][0][wm.context:], gif)

@@ -245,7 +245,7 @@ def test_bench_dream_runs(tiny, tmp_path):
     assert r.returncode == 0, describe(r)
     for words in ("share of frames with a ball", "with the player's paddle", "serves per 1000 steps",
                   "ball vanishing in mid-field", "two balls or a smear", "impossible jumps", "paddle follows the keys",
-                  "points per 1000 steps", "draws that keep the ball"):
+                  "points per 1000 steps", "draws that keep the ball", "send the ball back within 6 steps"):
         assert words in r.stdout, words
     from PIL import Image, ImageSequence
     with Image.open(gif) as im:  # 25 steps of 67 ms, which GIF stores in centiseconds (60 ms); identical
@@ -406,6 +406,35 @@ def test_kept_ball_counts_the_draws_with_a_ball_and_where_they_are_lost(tiny):
     lost = [sum(map(lose, range(4 * s, 4 * s + 4))) for s in range(n)]
     assert kept == pytest.approx(1 - sum(lost) / (4 * n)) and stuck == sum(k >= 2 for k in lost)
     assert share == pytest.approx(sum(k for k in lost if k >= 2) / sum(lost)) and 0 < share < 1
+
+
+class Replay:
+    """A stand-in world that dreams what the real run did: started on a window of the run's frames,
+    it goes on as the run's frames went on."""
+
+    def __init__(self, wm, frames):
+        self.context, self.game, self.space = wm.context, wm.game, wm.space
+        self.frames = common.frames_tensor(np.stack(frames))
+
+    def reset_batch(self, frames, seeds=None):
+        T = self.context
+        self.at = [next(i + T - 1 for i in range(len(self.frames) - T + 1) if torch.equal(self.frames[i:i + T], w))
+                   for w in frames]
+
+    def step_batch(self, actions):
+        self.at = [i + 1 for i in self.at]
+        return self.frames[self.at]
+
+
+def test_kept_bounce_counts_the_dreams_that_send_the_ball_back(tiny):
+    wm = common.load_world(tiny["world"])
+    env, start = bench.starts(wm, 0)[1]
+    run = bench.play(wm, env, start, 600, 0, dream=False)
+    env.close()
+    kept, n = bench.kept_bounce(Replay(wm, run[0]), [run], draws=2)
+    assert n > 0 and kept == 1.0  # the real game's own frames bounce every time
+    kept, n_again = bench.kept_bounce(LastFrame(wm, lambda i: False), [run], draws=2)
+    assert n_again == n and kept == 0.0  # a ball that stays at the paddle never comes back
 
 
 @pytest.mark.parametrize("flags, words", [
