@@ -208,10 +208,6 @@ GONE = 4  # frames without a ball that mean it is gone (a serve follows), not hi
 KEYS = {"ALE/Pong-v5": {2: 1, 4: 1, 3: -1, 5: -1}, "ALE/Breakout-v5": {2: 1, 3: -1}}  # action -> paddle direction
 
 
-def scene(game, frame, space):
-    return (common.pong_objects if game == "ALE/Pong-v5" else common.breakout_objects)(frame, space)
-
-
 def player(game, s, rng, eps=0.05):
     """Follow the ball with the paddle (Pong: rows, RIGHT moves up; Breakout: columns, FIRE
     serves); with no ball, Pong goes to mid-field. `eps` random actions keep it from repeating."""
@@ -233,7 +229,7 @@ def play(wm, env, start, n, seed, dream):
     if dream:
         wm.seed(seed)
         wm.reset(start)
-    scenes, actions = [scene(wm.game, frames[-1], wm.space)], []
+    scenes, actions = [common.scene(wm.game, frames[-1], wm.space)], []
     for _ in range(n):
         a = player(wm.game, scenes[-1], rng)
         if dream:
@@ -243,7 +239,7 @@ def play(wm, env, start, n, seed, dream):
             if terminated or truncated:
                 break
             frames.append(wm.observe(obs))
-        scenes.append(scene(wm.game, frames[-1], wm.space))
+        scenes.append(common.scene(wm.game, frames[-1], wm.space))
         actions.append(a)
     return frames, scenes, actions
 
@@ -257,8 +253,8 @@ def starts(wm, seed, warmup=70):
         env = common.make_env(wm.game, seed=seed)
         frames, rng = [wm.observe(env.reset(seed=seed)[0])], np.random.default_rng(seed)
         while len(frames) < wm.context or rally and (len(frames) < warmup + 13 * seed or
-                                                      not scene(wm.game, frames[-1], wm.space)["balls"]):
-            frames.append(wm.observe(env.step(player(wm.game, scene(wm.game, frames[-1], wm.space), rng))[0]))
+                                                      not common.scene(wm.game, frames[-1], wm.space)["balls"]):
+            frames.append(wm.observe(env.step(player(wm.game, common.scene(wm.game, frames[-1], wm.space), rng))[0]))
         out.append((env, frames[-wm.context:]))
     return out
 
@@ -267,8 +263,8 @@ def midfield(game, ball):
     """Where a real ball neither leaves nor hides (raw pixels): Pong, a step or more from the
     paddles it leaves by, out of the wall rows it can hide in; Breakout, below the bricks and
     above the paddle. A ball that vanishes there is the dream's doing."""
-    row, col = ball[:2]
-    return 34 <= col <= 126 and 44 < row < 184 if game == "ALE/Pong-v5" else 105 < row < 177
+    row, col, line = *ball[:2], common.PADDLE_LINE[game][1]
+    return 34 <= col <= line and 44 < row < 184 if game == "ALE/Pong-v5" else 105 < row < line
 
 
 def closed_loop_stats(scenes, actions, game, jump, smear):
@@ -312,9 +308,9 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
                 m["vanish"] += 1
                 m["young"] += shown <= 2  # a ball drawn from nothing that does not go on
                 m["blinks"] += any(later["balls"] for later in scenes[t + 2:t + 4])
-            elif pong and (col < 34 or col > 126):
+            elif pong and (col < 34 or col > common.PADDLE_LINE[game][1]):
                 pending = ("player" if col < 34 else "opponent", t)
-            elif not pong and row >= 177:  # the bottom
+            elif not pong and row >= common.PADDLE_LINE[game][1]:  # the bottom
                 pending = ("opponent", t)
         if not pong:
             m["bricks"] += max(0.0, prev["bricks"] - s["bricks"])
@@ -360,7 +356,8 @@ def redraws(wm, picks, steps, back, draws=16, chunk=256):
         wm.reset_batch(start, seeds=range(i, i + len(start)))
         hit = np.zeros(len(start), bool)
         for k in range(steps):
-            hit |= [back(scene(wm.game, common.to_image(f), wm.space)) for f in wm.step_batch(actions[i:i + chunk, k])]
+            drawn = wm.step_batch(actions[i:i + chunk, k])
+            hit |= [back(common.scene(wm.game, common.to_image(f), wm.space)) for f in drawn]
         seen += hit.tolist()
     return np.reshape(seen, (len(picks), draws))
 
@@ -377,7 +374,7 @@ def kept_ball(wm, runs, draws=16, most=256, chunk=256):
     their share of all lost draws. Spread thinly over every state, the loss would be the
     sampling's (a ball split over candidate cells); piled on a few, it is the model's belief.
     -> (dream, tokenizer, states, stuck states, their share of the lost draws)"""
-    T, has_ball = wm.context, lambda f: bool(scene(wm.game, common.to_image(f), wm.space)["balls"])
+    T, has_ball = wm.context, lambda f: bool(common.scene(wm.game, common.to_image(f), wm.space)["balls"])
     picks = [(frames[i:i + T + 1], actions[i:i + 1]) for frames, scenes, actions in runs for i in range(len(actions))
              if scenes[i]["balls"] and midfield(wm.game, scenes[i]["balls"][0]) and scenes[i + 1]["balls"]]
     if not picks:
@@ -392,19 +389,15 @@ def kept_ball(wm, runs, draws=16, most=256, chunk=256):
     return float(kept.mean()), float(np.mean(drawable)), len(picks), int(stuck.sum()), float(share)
 
 
-# the player's paddle: the axis the ball comes at it along, and the line (raw px) past which the ball is at it
-PADDLE_LINE = {"ALE/Pong-v5": (1, 126), "ALE/Breakout-v5": (0, 177)}
-
-
 def kept_bounce(wm, runs, steps=6, draws=16, most=256, chunk=256):
     """Bounces off the player's paddle, from real frames: at the real runs' states where the ball
-    has come past PADDLE_LINE toward the paddle for the last time and is back on the field's side
+    has come past common.PADDLE_LINE toward the paddle for the last time and is back on the field's side
     within `steps` steps, dreams from the `context` frames up to it, with the real actions, `draws`
     times; the share of them that send the ball back too. A bounce the dream loses is a point
     the real game never gives (a rally it ends). -> (share, states)"""
-    axis, line = PADDLE_LINE[wm.game]
-    at = lambda s: s["balls"][0][axis] if s["balls"] else -np.inf  # how far toward the paddle
-    back = lambda s: bool(s["balls"]) and s["balls"][0][axis] < line
+    line = common.PADDLE_LINE[wm.game][1]
+    at = lambda s: common.toward_paddle(wm.game, s)  # how far toward the paddle
+    back = lambda s: -np.inf < at(s) < line
     picks = [(frames[i:i + wm.context], actions[i:i + steps]) for frames, scenes, actions in runs
              for i in range(1, len(actions) - steps + 1)
              if line < at(scenes[i]) and at(scenes[i - 1]) < at(scenes[i]) and at(scenes[i + 1]) <= at(scenes[i])
@@ -422,7 +415,8 @@ def drawn_ball(wm, runs, every=5):
     windows = torch.stack([torch.stack([chw(f) for f in frames[t - wm.context + 1:t + 1]])
                            for frames in runs for t in range(wm.context - 1, len(frames), every)])
     drawn = torch.cat([wm.reconstruct(w).cpu() for w in windows.split(256)])
-    return max((b[2] for f in drawn for b in scene(wm.game, common.to_image(f), wm.space)["balls"]), default=60.0)
+    balls = (b for f in drawn for b in common.scene(wm.game, common.to_image(f), wm.space)["balls"])
+    return max((b[2] for b in balls), default=60.0)
 
 
 def long_dream_gif(real, dream, path):

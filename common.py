@@ -19,8 +19,8 @@
   7. the world contract load_world -> context, observe, reset, step (+ reward, terminated); the
                         batched core under it; the dream as a gymnasium env: DreamEnv
                         ("AtariDream-v0"), DreamVecEnv
-  8. scoring            psnr, the Pong, Breakout and SpaceInvaders objects and their scores, open_loop,
-                        outcome_scores, dream_gif
+  8. scoring            psnr, the Pong, Breakout and SpaceInvaders objects and their scores, the
+                        ball's arrivals at the player's paddle, open_loop, outcome_scores, dream_gif
 
 Read it top to bottom once; the scripts are thin on purpose.
 """
@@ -1133,8 +1133,9 @@ def latent_cache(data_dir, ae_path, ae, space, device, game, skip_bad=False, bat
 def coded_episodes(folder, codes, key, space=None, val_frac=0.1, seed=0, actions=True, most_val=16):
     """The episodes of `folder` that have codes in a cache ({file name: codes}, as token_cache and
     latent_cache return), split by episode as the tokenizer was: (train, val), lists of dicts
-    with the codes under `key`, the actions, rewards and terminated (N,) unless actions=False, and, for validation
-    episodes when `space` is given, the frames preprocessed to it (dreams are scored on them).
+    with the codes under `key`, the episode's `file`, the actions, rewards and terminated (N,)
+    unless actions=False, and, for validation episodes when `space` is given, the frames
+    preprocessed to it (dreams are scored on them).
     At most `most_val` validation episodes are read: their frames are 16 MB per 1000 steps."""
     files = [f for f in episode_files(folder) if os.path.basename(f) in codes]
     train_f, val_f = split_episodes(files, val_frac, seed)
@@ -1145,7 +1146,7 @@ def coded_episodes(folder, codes, key, space=None, val_frac=0.1, seed=0, actions
 
     def episode(f, frames):
         keys = ["actions", "rewards", "terminated"] * actions + ["frames"] * frames
-        ep, out = load_episode(f, keys) if keys else {}, {key: codes[os.path.basename(f)]}
+        ep, out = load_episode(f, keys) if keys else {}, {key: codes[os.path.basename(f)], "file": f}
         if actions:
             out.update({k: torch.as_tensor(ep[k]) for k in ("actions", "rewards", "terminated")})
         if frames:
@@ -2517,6 +2518,35 @@ def breakout_objects(frame, space):
     fg[int(BREAKOUT_BRICKS[0] / sy):int(np.ceil(BREAKOUT_BRICKS[1] / sy))] = 0
     balls = [(r * sy, c * sx, n * sy * sx) for r, c, n, peak in blobs(fg > 10, fg) if peak > 25]
     return {"paddle": paddle, "balls": balls, "bricks": bricks}
+
+
+def scene(game, frame, space):
+    """The objects of a game with a ball and a paddle that keeps it (Pong, Breakout)."""
+    return (pong_objects if game == "ALE/Pong-v5" else breakout_objects)(frame, space)
+
+
+# the player's paddle: the axis the ball comes at it along, and the line (raw px) past which the
+# ball is at it (Pong's paddle is at columns 140-144, Breakout's at rows 189-193)
+PADDLE_LINE = {"ALE/Pong-v5": (1, 126), "ALE/Breakout-v5": (0, 177)}
+# and the paddle's face: a ball past it shows a bounce or a miss a step or two later (Pong, 720
+# arrivals: 502 in one step, 218 in two; past the line above, 3-4 steps; EXPERIMENTS.md);
+# Breakout's is the lowest row its ball is seen in
+PADDLE_FACE = {"ALE/Pong-v5": 136, "ALE/Breakout-v5": 185}
+
+
+def toward_paddle(game, objects):
+    """How far the brightest ball has come toward the player's paddle (raw px; -inf: no ball)."""
+    return objects["balls"][0][PADDLE_LINE[game][0]] if objects["balls"] else -np.inf
+
+
+def arrivals(game, frames, space, line=None):
+    """Frames (n, H, W[, C]) uint8 of one run -> (n,) bool: the ball has just come past the
+    player's paddle line (or `line`, raw px), from the field's side in the frame before. The
+    next steps decide a bounce or a miss, and the dream's rallies end where it gets that wrong
+    (EXPERIMENTS.md)."""
+    at = np.array([toward_paddle(game, scene(game, f, space)) for f in frames])
+    line = PADDLE_LINE[game][1] if line is None else line
+    return np.r_[False, (at[1:] > line) & (at[:-1] > -np.inf) & (at[:-1] <= line)]
 
 
 def spaceinvaders_objects(frame, space):
