@@ -148,8 +148,9 @@ def batch(data, idx, T, K, past=0, unknown=0, memory=0):
 
 def meetings(episodes, pool, space, games, T):
     """The rows of `pool` (episode, start) whose last history frame is within a step of the ball
-    coming past the player's paddle line (common.arrivals, on each episode's recorded frames):
-    the windows in which a bounce or a miss is decided, whichever the data shows."""
+    coming past the player's paddle's face (common.arrivals at common.PADDLE_FACE, on each
+    episode's recorded frames): the windows in which a bounce or a miss is decided, whichever
+    the data shows."""
     def arrived(ep):  # zlib and the resize release the GIL: two episodes are read at once
         game = games[ep["game"]]
         if game not in common.PADDLE_FACE:
@@ -348,7 +349,7 @@ def main():
     meets = meetings(train, pool, space, list(games), T) if args.meet_share else None
     if meets is not None and not len(meets):
         raise common.KitError(f"--meet-share: no training window of {' '.join(args.data)} shows the ball coming to "
-                              f"the player's paddle (a ball of Pong or Breakout, past common.PADDLE_LINE)")
+                              f"the player's paddle (a ball of Pong or Breakout, past common.PADDLE_FACE)")
     grid = tuple(train[0]["tokens"].shape[1:])
     transitions, events, paid = common.outcome_transitions(train)
     print(f"data: {sum(len(e['actions']) for e in train)} train transitions ({len(train)} episodes, "
