@@ -67,6 +67,9 @@ p.add_argument("--gif", default=None,
 p.add_argument("--world", default="checkpoints/pong/world.pt", help="world: checkpoint")
 p.add_argument("--data", default="data/pong", help="world: dataset (its validation episodes are used); train: dataset")
 p.add_argument("--windows", type=common.positive_int, default=64, help="world: open-loop windows of 30 steps")
+p.add_argument("--before", type=common.nonneg_int, default=32,
+               help="world: also dream each window with the N real frames before it in the world's memory, as a "
+                    "dream that had run through them would have them (0: not; worlds without a memory: not)")
 p.add_argument("--device", default="cpu", help="world, dream, envs: the device the world model runs on (cuda|mps|cpu)")
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="world: also time torch.compile")
 p.add_argument("--threads", type=common.positive_int, default=1,
@@ -136,12 +139,14 @@ def bench_world(args):
     eps = [common.load_episode(f, keys=["frames", "actions", "rewards", "terminated", "game"]) for f in val]
     # the data's game: a model of several games dreams that one; a one-game model of another game refuses
     wm = common.load_world(args.world, args.device, args.temperature, str(eps[0]["game"]) if eps else None)
-    T, H = wm.context, max(common.HORIZONS)
-    pool = common.windows([len(ep["frames"]) for ep in eps], T + H)
+    T, H, lengths = wm.context, max(common.HORIZONS), [len(ep["frames"]) for ep in eps]
+    B = max(0, min(args.before if getattr(wm, "memory", 0) else 0, max(lengths, default=0) - T - H))
+    pool = common.windows(lengths, B + T + H)  # the same windows with the frames before and without
     rng = np.random.default_rng(0)
     picks = pool[np.sort(rng.choice(len(pool), min(args.windows, len(pool)), replace=False))]
-    frames = torch.stack([common.preprocess(eps[i]["frames"][s:s + T + H], wm.space) for i, s in picks])
-    actions = torch.stack([torch.as_tensor(eps[i]["actions"][s + T - 1:s + T - 1 + H]) for i, s in picks])
+    seen = torch.stack([common.preprocess(eps[i]["frames"][s:s + B + T + H], wm.space) for i, s in picks])
+    frames = seen[:, B:]
+    actions = torch.stack([torch.as_tensor(eps[i]["actions"][s + B + T - 1:s + B + T - 1 + H]) for i, s in picks])
     m = common.open_loop(wm, frames, actions)
     print(f"world {args.world} ({ck['step']} steps), {len(picks)} validation windows from {len(val)} episodes "
           f"of {args.data}")
@@ -155,6 +160,12 @@ def bench_world(args):
         for k in (10, 30):
             print(f"paddle error @{k}: mean {m[f'paddle_px@{k}']:.2f} px, median {m[f'paddle_median@{k}']:.2f} px, "
                   f"within 2 px {m[f'paddle_2px@{k}']:.0%}")
+    if B:  # the memory a dream carries: how long the field has been empty, where the last ball went
+        mb = common.open_loop(wm, seen, actions, before=B)
+        pong = ", ball within 8 px " + ", ".join(f"@{k} {mb[f'ball_8px@{k}']:.0%}" for k in common.HORIZONS) + \
+            f", paddle error @10 {mb['paddle_px@10']:.2f} px" if wm.game == "ALE/Pong-v5" else ""
+        print(f"with the {B} real frames before each window in the memory: PSNR " + ", ".join(
+            f"@{k} {mb[f'psnr@{k}']:.2f}" for k in common.HORIZONS) + pong)
     if wm.game == "ALE/SpaceInvaders-v5":
         recon = common.spaceinvaders_scores(wm.reconstruct(frames[:, :T]).cpu(), frames[:, T - 1], wm.space, 0)
         for what, px in common.SPACE_INVADERS_NEAR.items():
@@ -208,6 +219,16 @@ GONE = 4  # frames without a ball that mean it is gone (a serve follows), not hi
 KEYS = {"ALE/Pong-v5": {2: 1, 4: 1, 3: -1, 5: -1}, "ALE/Breakout-v5": {2: 1, 3: -1}}  # action -> paddle direction
 
 
+def scene(game, frame, space):
+    """The objects of a game with a ball and a paddle that keeps it (Pong, Breakout)."""
+    return (common.pong_objects if game == "ALE/Pong-v5" else common.breakout_objects)(frame, space)
+
+
+# the player's paddle: the axis the ball comes at it along, and the line (raw px) past which the
+# ball is at it (Pong's paddle is at columns 140-144, Breakout's at rows 189-193)
+PADDLE_LINE = {"ALE/Pong-v5": (1, 126), "ALE/Breakout-v5": (0, 177)}
+
+
 def player(game, s, rng, eps=0.05):
     """Follow the ball with the paddle (Pong: rows, RIGHT moves up; Breakout: columns, FIRE
     serves); with no ball, Pong goes to mid-field. `eps` random actions keep it from repeating."""
@@ -229,7 +250,7 @@ def play(wm, env, start, n, seed, dream):
     if dream:
         wm.seed(seed)
         wm.reset(start)
-    scenes, actions = [common.scene(wm.game, frames[-1], wm.space)], []
+    scenes, actions = [scene(wm.game, frames[-1], wm.space)], []
     for _ in range(n):
         a = player(wm.game, scenes[-1], rng)
         if dream:
@@ -239,7 +260,7 @@ def play(wm, env, start, n, seed, dream):
             if terminated or truncated:
                 break
             frames.append(wm.observe(obs))
-        scenes.append(common.scene(wm.game, frames[-1], wm.space))
+        scenes.append(scene(wm.game, frames[-1], wm.space))
         actions.append(a)
     return frames, scenes, actions
 
@@ -253,8 +274,8 @@ def starts(wm, seed, warmup=70):
         env = common.make_env(wm.game, seed=seed)
         frames, rng = [wm.observe(env.reset(seed=seed)[0])], np.random.default_rng(seed)
         while len(frames) < wm.context or rally and (len(frames) < warmup + 13 * seed or
-                                                      not common.scene(wm.game, frames[-1], wm.space)["balls"]):
-            frames.append(wm.observe(env.step(player(wm.game, common.scene(wm.game, frames[-1], wm.space), rng))[0]))
+                                                      not scene(wm.game, frames[-1], wm.space)["balls"]):
+            frames.append(wm.observe(env.step(player(wm.game, scene(wm.game, frames[-1], wm.space), rng))[0]))
         out.append((env, frames[-wm.context:]))
     return out
 
@@ -263,7 +284,7 @@ def midfield(game, ball):
     """Where a real ball neither leaves nor hides (raw pixels): Pong, a step or more from the
     paddles it leaves by, out of the wall rows it can hide in; Breakout, below the bricks and
     above the paddle. A ball that vanishes there is the dream's doing."""
-    row, col, line = *ball[:2], common.PADDLE_LINE[game][1]
+    row, col, line = *ball[:2], PADDLE_LINE[game][1]
     return 34 <= col <= line and 44 < row < 184 if game == "ALE/Pong-v5" else 105 < row < line
 
 
@@ -308,9 +329,9 @@ def closed_loop_stats(scenes, actions, game, jump, smear):
                 m["vanish"] += 1
                 m["young"] += shown <= 2  # a ball drawn from nothing that does not go on
                 m["blinks"] += any(later["balls"] for later in scenes[t + 2:t + 4])
-            elif pong and (col < 34 or col > common.PADDLE_LINE[game][1]):
+            elif pong and (col < 34 or col > PADDLE_LINE[game][1]):
                 pending = ("player" if col < 34 else "opponent", t)
-            elif not pong and row >= common.PADDLE_LINE[game][1]:  # the bottom
+            elif not pong and row >= PADDLE_LINE[game][1]:  # the bottom
                 pending = ("opponent", t)
         if not pong:
             m["bricks"] += max(0.0, prev["bricks"] - s["bricks"])
@@ -357,7 +378,7 @@ def redraws(wm, picks, steps, back, draws=16, chunk=256):
         hit = np.zeros(len(start), bool)
         for k in range(steps):
             drawn = wm.step_batch(actions[i:i + chunk, k])
-            hit |= [back(common.scene(wm.game, common.to_image(f), wm.space)) for f in drawn]
+            hit |= [back(scene(wm.game, common.to_image(f), wm.space)) for f in drawn]
         seen += hit.tolist()
     return np.reshape(seen, (len(picks), draws))
 
@@ -374,7 +395,7 @@ def kept_ball(wm, runs, draws=16, most=256, chunk=256):
     their share of all lost draws. Spread thinly over every state, the loss would be the
     sampling's (a ball split over candidate cells); piled on a few, it is the model's belief.
     -> (dream, tokenizer, states, stuck states, their share of the lost draws)"""
-    T, has_ball = wm.context, lambda f: bool(common.scene(wm.game, common.to_image(f), wm.space)["balls"])
+    T, has_ball = wm.context, lambda f: bool(scene(wm.game, common.to_image(f), wm.space)["balls"])
     picks = [(frames[i:i + T + 1], actions[i:i + 1]) for frames, scenes, actions in runs for i in range(len(actions))
              if scenes[i]["balls"] and midfield(wm.game, scenes[i]["balls"][0]) and scenes[i + 1]["balls"]]
     if not picks:
@@ -391,12 +412,12 @@ def kept_ball(wm, runs, draws=16, most=256, chunk=256):
 
 def kept_bounce(wm, runs, steps=6, draws=16, most=256, chunk=256):
     """Bounces off the player's paddle, from real frames: at the real runs' states where the ball
-    has come past common.PADDLE_LINE toward the paddle for the last time and is back on the field's side
+    has come past PADDLE_LINE toward the paddle for the last time and is back on the field's side
     within `steps` steps, dreams from the `context` frames up to it, with the real actions, `draws`
     times; the share of them that send the ball back too. A bounce the dream loses is a point
     the real game never gives (a rally it ends). -> (share, states)"""
-    line = common.PADDLE_LINE[wm.game][1]
-    at = lambda s: common.toward_paddle(wm.game, s)  # how far toward the paddle
+    axis, line = PADDLE_LINE[wm.game]
+    at = lambda s: s["balls"][0][axis] if s["balls"] else -np.inf  # how far toward the paddle
     back = lambda s: -np.inf < at(s) < line
     picks = [(frames[i:i + wm.context], actions[i:i + steps]) for frames, scenes, actions in runs
              for i in range(1, len(actions) - steps + 1)
@@ -415,7 +436,7 @@ def drawn_ball(wm, runs, every=5):
     windows = torch.stack([torch.stack([chw(f) for f in frames[t - wm.context + 1:t + 1]])
                            for frames in runs for t in range(wm.context - 1, len(frames), every)])
     drawn = torch.cat([wm.reconstruct(w).cpu() for w in windows.split(256)])
-    balls = (b for f in drawn for b in common.scene(wm.game, common.to_image(f), wm.space)["balls"])
+    balls = (b for f in drawn for b in scene(wm.game, common.to_image(f), wm.space)["balls"])
     return max((b[2] for b in balls), default=60.0)
 
 

@@ -19,8 +19,8 @@
   7. the world contract load_world -> context, observe, reset, step (+ reward, terminated); the
                         batched core under it; the dream as a gymnasium env: DreamEnv
                         ("AtariDream-v0"), DreamVecEnv
-  8. scoring            psnr, the Pong, Breakout and SpaceInvaders objects and their scores, the
-                        ball's arrivals at the player's paddle, open_loop, outcome_scores, dream_gif
+  8. scoring            psnr, the Pong, Breakout and SpaceInvaders objects and their scores, open_loop,
+                        outcome_scores, dream_gif
 
 Read it top to bottom once; the scripts are thin on purpose.
 """
@@ -1133,9 +1133,8 @@ def latent_cache(data_dir, ae_path, ae, space, device, game, skip_bad=False, bat
 def coded_episodes(folder, codes, key, space=None, val_frac=0.1, seed=0, actions=True, most_val=16):
     """The episodes of `folder` that have codes in a cache ({file name: codes}, as token_cache and
     latent_cache return), split by episode as the tokenizer was: (train, val), lists of dicts
-    with the codes under `key`, the episode's `file`, the actions, rewards and terminated (N,)
-    unless actions=False, and, for validation episodes when `space` is given, the frames
-    preprocessed to it (dreams are scored on them).
+    with the codes under `key`, the actions, rewards and terminated (N,) unless actions=False, and, for validation
+    episodes when `space` is given, the frames preprocessed to it (dreams are scored on them).
     At most `most_val` validation episodes are read: their frames are 16 MB per 1000 steps."""
     files = [f for f in episode_files(folder) if os.path.basename(f) in codes]
     train_f, val_f = split_episodes(files, val_frac, seed)
@@ -1146,7 +1145,7 @@ def coded_episodes(folder, codes, key, space=None, val_frac=0.1, seed=0, actions
 
     def episode(f, frames):
         keys = ["actions", "rewards", "terminated"] * actions + ["frames"] * frames
-        ep, out = load_episode(f, keys) if keys else {}, {key: codes[os.path.basename(f)], "file": f}
+        ep, out = load_episode(f, keys) if keys else {}, {key: codes[os.path.basename(f)]}
         if actions:
             out.update({k: torch.as_tensor(ep[k]) for k in ("actions", "rewards", "terminated")})
         if frames:
@@ -1931,11 +1930,15 @@ class World:
         """A raw env frame (210, 160, 3) -> the model's frame space, as the training data was."""
         return self._frame(preprocess(obs, self.space))
 
-    def reset(self, frames):
-        """Start one dream from `context` frames of observe(), oldest first."""
+    def reset(self, frames, before=None):
+        """Start one dream from `context` frames of observe(), oldest first. `before`: real frames
+        that came before them, oldest first, which a world with a memory reads into it (a token
+        world's cell ages: how long the field has been empty, where the last ball went), as if
+        it had dreamed them; other worlds ignore them."""
         if len(frames) != self.context:
             raise KitError(f"reset wants {self.context} frames of history, got {len(frames)}")
-        self.reset_batch(frames_tensor(np.stack(frames))[None])
+        before = None if before is None or not len(before) else frames_tensor(np.stack(before))[None]
+        self.reset_batch(frames_tensor(np.stack(frames))[None], before=before)
 
     def step(self, action):
         """One step of the dream: the predicted next frame, in the space of observe()."""
@@ -1982,13 +1985,16 @@ class TokenWorld(World):
         self.past = None  # the actions before this one that the dynamics also see
 
     @torch.inference_mode()
-    def reset_batch(self, frames, seeds=None, rows=None):
+    def reset_batch(self, frames, seeds=None, rows=None, before=None):
         """Start dreams from frames (B, context, C, H, W) uint8: all of them, or only the dreams
-        `rows` (a vector env restarting the ones that ended), the others going on."""
-        tokens = self.tok.encode(frames.flatten(0, 1).to(self.device))
-        hist = tokens.view(*frames.shape[:2], *tokens.shape[1:])  # (B, T, h, w)
-        # what happened before the first frame is unknown: so are the ages of the cells that never change in them
-        age = ages(hist, self.memory, unknown=True)[:, -1] if self.memory else None
+        `rows` (a vector env restarting the ones that ended), the others going on. `before` (B,
+        M, C, H, W) uint8: the real frames before them, read into the memory (World.reset)."""
+        seen = frames if before is None or not self.memory else torch.cat([before, frames], 1)
+        tokens = torch.cat([self.tok.encode(x.to(self.device)) for x in self.chunks(seen.flatten(0, 1), 256)])
+        tokens = tokens.view(*seen.shape[:2], *tokens.shape[1:])  # (B, M + T, h, w)
+        hist = tokens[:, -frames.shape[1]:]
+        # what happened before the first frame seen is unknown: so are the ages of the cells that never change in them
+        age = ages(tokens, self.memory, unknown=True)[:, -1] if self.memory else None
         past = torch.full((len(frames), getattr(self.dyn, "actions", 1) - 1), self.dyn.n_actions, device=self.device)
         self._set(rows, hist=hist, age=age, past=past, rewards=torch.zeros(len(frames)),
                   terminals=torch.zeros(len(frames), dtype=torch.bool))
@@ -2137,7 +2143,7 @@ class LatentWorld(World):
         self.h = None
 
     @torch.inference_mode()
-    def reset_batch(self, frames, seeds=None, rows=None):
+    def reset_batch(self, frames, seeds=None, rows=None, before=None):  # no memory beyond the context: `before` unread
         stacks = torch.stack([stack_frames(f, self.tok.stack) for f in frames.to(self.device)])  # (B, L, S*C, H, W)
         hist = self.tok.encode(stacks.flatten(0, 1)).view(*stacks.shape[:2], -1)  # (B, L, D)
         self._set(rows, hist=hist, h=self.dyn.warm(hist))  # the GRU runs over the history but its newest latent
@@ -2520,35 +2526,6 @@ def breakout_objects(frame, space):
     return {"paddle": paddle, "balls": balls, "bricks": bricks}
 
 
-def scene(game, frame, space):
-    """The objects of a game with a ball and a paddle that keeps it (Pong, Breakout)."""
-    return (pong_objects if game == "ALE/Pong-v5" else breakout_objects)(frame, space)
-
-
-# the player's paddle: the axis the ball comes at it along, and the line (raw px) past which the
-# ball is at it (Pong's paddle is at columns 140-144, Breakout's at rows 189-193)
-PADDLE_LINE = {"ALE/Pong-v5": (1, 126), "ALE/Breakout-v5": (0, 177)}
-# and the paddle's face: a ball past it shows a bounce or a miss a step or two later (Pong, 720
-# arrivals: 502 in one step, 218 in two; past the line above, 3-4 steps; EXPERIMENTS.md);
-# Breakout's is the lowest row its ball is seen in
-PADDLE_FACE = {"ALE/Pong-v5": 136, "ALE/Breakout-v5": 185}
-
-
-def toward_paddle(game, objects):
-    """How far the brightest ball has come toward the player's paddle (raw px; -inf: no ball)."""
-    return objects["balls"][0][PADDLE_LINE[game][0]] if objects["balls"] else -np.inf
-
-
-def arrivals(game, frames, space, line=None):
-    """Frames (n, H, W[, C]) uint8 of one run -> (n,) bool: the ball has just come past the
-    player's paddle line (or `line`, raw px), from the field's side in the frame before. The
-    next steps decide a bounce or a miss, and the dream's rallies end where it gets that wrong
-    (EXPERIMENTS.md)."""
-    at = np.array([toward_paddle(game, scene(game, f, space)) for f in frames])
-    line = PADDLE_LINE[game][1] if line is None else line
-    return np.r_[False, (at[1:] > line) & (at[:-1] > -np.inf) & (at[:-1] <= line)]
-
-
 def spaceinvaders_objects(frame, space):
     """A SpaceInvaders frame in `space` -> {"cannon": its column or None, "invaders": [(row,
     col, area)], "shots": [(row, col, area)]} in raw 210x160 pixels, searched where the
@@ -2609,14 +2586,16 @@ def pong_scores(dream, real, space, k):
 
 
 @torch.no_grad()
-def open_loop(wm, frames, actions, horizons=HORIZONS):
+def open_loop(wm, frames, actions, horizons=HORIZONS, before=0):
     """Dream from the first `wm.context` real frames with the true actions and score the dream
     against the real frames: frames (B, context + max(horizons), C, H, W) uint8 in wm's frame
-    space, actions (B, max(horizons)). -> psnr@h and copy_psnr@h (the last real frame as the
-    prediction) at each horizon; on Pong, pong_scores (the ball at every horizon, the paddle at
-    10 and 30 steps); on SpaceInvaders, spaceinvaders_scores at every horizon."""
+    space, actions (B, max(horizons)); with `before` > 0, frames has that many more real frames
+    first, which go into the world's memory (World.reset). -> psnr@h and copy_psnr@h (the last
+    real frame as the prediction) at each horizon; on Pong, pong_scores (the ball at every
+    horizon, the paddle at 10 and 30 steps); on SpaceInvaders, spaceinvaders_scores at every horizon."""
     T, pong, invaders = wm.context, wm.game == "ALE/Pong-v5", wm.game == "ALE/SpaceInvaders-v5"
-    wm.reset_batch(frames[:, :T])
+    wm.reset_batch(frames[:, before:before + T], before=frames[:, :before] if before else None)
+    frames = frames[:, before:]
     m = {}
     for k in range(1, max(horizons) + 1):
         dream = wm.step_batch(actions[:, k - 1]).cpu()

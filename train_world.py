@@ -21,7 +21,6 @@ import argparse
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -79,10 +78,6 @@ p.add_argument("--dash", type=common.probability, default=0.0,
 p.add_argument("--hard-share", type=common.probability, default=0.0,
                help="share of each batch drawn in proportion to each window's loss when last trained on (the rare "
                     "moments, such as a ball meeting a paddle, come back more often)")
-p.add_argument("--meet-share", type=common.probability, default=0.0,
-               help="share of each batch drawn from the windows where the ball comes to the player's paddle "
-                    "(within a step of crossing common.PADDLE_FACE, whether it is sent back or goes past: the "
-                    "moment a dream loses bounces; Pong, Breakout; EXPERIMENTS.md)")
 p.add_argument("--steps", type=common.positive_int, default=2900, help="optimizer steps")
 p.add_argument("--batch", type=common.positive_int, default=16, help="windows per batch")
 p.add_argument("--lr", type=common.positive_float, default=3e-3,
@@ -144,27 +139,6 @@ def batch(data, idx, T, K, past=0, unknown=0, memory=0):
         table = data["to_full"]
         act = torch.where(act == unknown, unknown, table[game[:, None], act.clamp(max=table.shape[1] - 1)])
     return tok[:, :T], act, tok[:, T:], age, game
-
-
-def meetings(episodes, pool, space, games, T):
-    """The rows of `pool` (episode, start) whose last history frame is within a step of the ball
-    coming past the player's paddle's face (common.arrivals at common.PADDLE_FACE, on each
-    episode's recorded frames): the windows in which a bounce or a miss is decided, whichever
-    the data shows."""
-    def arrived(ep):  # zlib and the resize release the GIL: two episodes are read at once
-        game = games[ep["game"]]
-        if game not in common.PADDLE_FACE:
-            return np.zeros(len(ep["tokens"]), bool)
-        frames = common.preprocess(common.load_episode(ep["file"], ["frames"])["frames"], space)
-        return common.arrivals(game, [common.to_image(f) for f in frames], space, common.PADDLE_FACE[game])
-
-    with ThreadPoolExecutor(2) as threads:
-        found = list(tqdm(threads.map(arrived, episodes), total=len(episodes), desc="the ball at the paddle",
-                          unit="episode"))
-    flat, first = np.concatenate(found), np.cumsum([0] + [len(a) for a in found])[pool[:, 0]]
-    last = first + pool[:, 1] + T - 1  # a window's targets follow its last history frame in the episode
-    near = flat[np.maximum(last - 1, first)] | flat[last] | flat[last + 1]
-    return np.flatnonzero(near)
 
 
 # -----------------------------------------------------------------------------
@@ -344,20 +318,11 @@ def main():
         if not len(vpool):
             raise common.KitError(f"{game[4:-3]}'s validation episodes are shorter than {T + H} frames")
         fixed[game] = vpool[np.sort(rng.choice(len(vpool), min(args.eval_windows, len(vpool)), replace=False))]
-    if args.hard_share + args.meet_share > 1:
-        raise common.KitError(f"--hard-share {args.hard_share} and --meet-share {args.meet_share} add up to over 1")
-    meets = meetings(train, pool, space, list(games), T) if args.meet_share else None
-    if meets is not None and not len(meets):
-        raise common.KitError(f"--meet-share: no training window of {' '.join(args.data)} shows the ball coming to "
-                              f"the player's paddle (a ball of Pong or Breakout, past common.PADDLE_FACE)")
     grid = tuple(train[0]["tokens"].shape[1:])
     transitions, events, paid = common.outcome_transitions(train)
     print(f"data: {sum(len(e['actions']) for e in train)} train transitions ({len(train)} episodes, "
           f"{paid} with a reward or an end), {sum(map(len, vals.values()))} val episodes, "
           f"{sum(map(len, fixed.values()))} frozen eval windows; token grid {grid}; {', '.join(games)}")
-    if meets is not None:
-        print(f"the ball comes to the player's paddle in {len(meets)} of {len(pool)} training windows "
-              f"({len(meets) / len(pool):.1%}): {args.meet_share:.0%} of each batch")
     data = pack(train, device, to_full)  # on the device once: batches are gathered there
     del train  # the packed copy is the only one kept
     common.release_heap()
@@ -433,10 +398,7 @@ def main():
                 group["lr"] = lr
             tf = max(args.teacher_forcing, 1 - frac / 0.3)  # from 1 to its floor over the first 30%
             hard = round(rank_batch * args.hard_share)
-            meet = min(round(rank_batch * args.meet_share), rank_batch - hard)
-            rows = torch.from_numpy(g.integers(len(pool), size=rank_batch - hard - meet)).to(device)
-            if meet:
-                rows = torch.cat([rows, torch.from_numpy(meets[g.integers(len(meets), size=meet)]).to(device)])
+            rows = torch.from_numpy(g.integers(len(pool), size=rank_batch - hard)).to(device)
             if hard:  # windows not trained on yet have no loss: the uniform share finds them
                 rows = torch.cat([rows, torch.multinomial(surprise + 1e-12, hard, replacement=True)])
             idx = pool[rows]

@@ -111,12 +111,6 @@ def test_world_given_as_tokenizer(models, tmp_path):
     one_line_error(r, "world", "vqvae")
 
 
-def test_batch_shares_over_one(models, tmp_path):
-    r = run_script("train_world.py", "--data", models["data"], "--tokenizer", models["vq"], "--out", tmp_path / "w.pt",
-                   "--hard-share", "0.6", "--meet-share", "0.5")
-    one_line_error(r, "--hard-share", "--meet-share", "over 1")
-
-
 def test_tokenizer_of_another_game(models, tmp_path):
     data = tmp_path / "breakout"
     r = run_script("collect.py", "--game", "Breakout", "--steps", "40", "--max-episode-steps", "20", "--out", data)
